@@ -1,0 +1,1 @@
+"""EfficientSAM in JAX/Flax: SAMI pretraining, finetuning, inference and conversion."""

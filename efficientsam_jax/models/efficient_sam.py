@@ -1,0 +1,243 @@
+"""EfficientSAM: image encoder + point prompt encoder + mask decoder.
+
+``EfficientSam`` is a Flax module; the functions below it are the official
+model's entry points as pure functions of ``params``:
+
+* ``preprocess``            float NHWC in [0, 1] → square, normalized encoder input
+* ``get_image_embeddings``  images → [B, h, w, C] embeddings (NHWC)
+* ``predict_masks``         cached embeddings + prompts → (logits, iou)
+* ``forward``               images + prompts → full-resolution logits and iou
+
+They are jitted per shape; the image encoder is compiled once per
+(batch, dtype) whatever the input image size, because resizing to the square
+encoder input happens in a separate, cheap computation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efficientsam_jax.models.mask_decoder import MaskDecoder
+from efficientsam_jax.models.prompt_encoder import PromptEncoder
+from efficientsam_jax.models.resize import resize
+from efficientsam_jax.models.vit import VIT_SIZES, ImageEncoderViT
+
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class EfficientSamConfig:
+  """Sizes of an EfficientSAM model; field names are the fixture's ``config.json`` keys.
+
+  Fixed as in the release: patch 16, MLP ratio 4, a 14×14 (+cls) pre-training
+  position grid, 2 two-way blocks, 3 multimask outputs, at most 6 points.
+  """
+
+  img_size: int = 1024
+  encoder_embed_dim: int = 192
+  encoder_depth: int = 12
+  encoder_num_heads: int = 3
+  decoder_dim: int = 256
+  decoder_num_heads: int = 8
+  decoder_mlp_dim: int = 2048
+  patch_size: int = 16
+  max_num_points: int = 6
+
+  def __post_init__(self):
+    if self.img_size % self.patch_size:
+      raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+    if self.encoder_embed_dim % self.encoder_num_heads:
+      raise ValueError(f"encoder_embed_dim {self.encoder_embed_dim} is not divisible by "
+                       f"encoder_num_heads {self.encoder_num_heads}")
+    if self.decoder_dim % 8:
+      raise ValueError(f"decoder_dim {self.decoder_dim} must be a multiple of 8")
+
+  @property
+  def embedding_hw(self) -> tuple[int, int]:
+    side = self.img_size // self.patch_size
+    return side, side
+
+  @property
+  def low_res_size(self) -> int:
+    return 4 * self.embedding_hw[0]
+
+  @classmethod
+  def from_variant(cls, name: str) -> "EfficientSamConfig":
+    if name not in VIT_SIZES:
+      raise ValueError(f"unknown EfficientSAM variant {name!r}; known: {sorted(VIT_SIZES)}")
+    size = VIT_SIZES[name]
+    return cls(encoder_embed_dim=size.width, encoder_depth=size.depth, encoder_num_heads=size.num_heads)
+
+  @classmethod
+  def from_dict(cls, values: dict) -> "EfficientSamConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ValueError(f"unknown EfficientSAM config keys {unknown}; known: {sorted(names)}")
+    return cls(**values)
+
+  @classmethod
+  def from_json(cls, path: str) -> "EfficientSamConfig":
+    with open(path) as f:
+      return cls.from_dict(json.load(f))
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+class EfficientSam(nn.Module):
+  """The composite model. ``dtype`` is the compute dtype; parameters stay fp32."""
+
+  config: EfficientSamConfig
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    c = self.config
+    self.image_encoder = ImageEncoderViT(
+        img_size=c.img_size, embed_dim=c.encoder_embed_dim, depth=c.encoder_depth,
+        num_heads=c.encoder_num_heads, neck_dim=c.decoder_dim, patch_size=c.patch_size,
+        dtype=self.dtype, remat=self.remat)
+    self.prompt_encoder = PromptEncoder(embed_dim=c.decoder_dim, input_image_size=c.img_size)
+    self.mask_decoder = MaskDecoder(
+        transformer_dim=c.decoder_dim, num_heads=c.decoder_num_heads, mlp_dim=c.decoder_mlp_dim,
+        iou_head_hidden_dim=c.decoder_dim, dtype=self.dtype)
+
+  def __call__(self, images, points, labels, multimask_output: bool = True):
+    """Normalized square images [B, S, S, 3], model-grid points [B, Q, P, 2] → low-res logits, iou."""
+    return self.decode(self.encode(images), points, labels, multimask_output)
+
+  def encode(self, images: jax.Array) -> jax.Array:
+    return self.image_encoder(images)
+
+  def decode(self, image_embeddings, points, labels, multimask_output: bool = True):
+    """Embeddings [B, h, w, C], points [B, Q, P, 2] in the model's input grid → [B, Q, K, 4h, 4w], [B, Q, K]."""
+    b, q, p, _ = points.shape
+    sparse = self.prompt_encoder(points.reshape(b * q, p, 2), labels.reshape(b * q, p))
+    _, h, w, c = image_embeddings.shape
+    per_query = jnp.broadcast_to(image_embeddings[:, None], (b, q, h, w, c)).reshape(b * q, h, w, c)
+    dense_pe = self.prompt_encoder.dense_pe((h, w))
+    masks, iou = self.mask_decoder(per_query, dense_pe, sparse, multimask_output)
+    return masks.reshape(b, q, *masks.shape[1:]), iou.reshape(b, q, -1)
+
+
+def init_params(model: EfficientSam, rng: jax.Array) -> dict:
+  """Random parameters (fp32), initialized in one jitted call."""
+  c = model.config
+  images = jnp.zeros((1, c.img_size, c.img_size, 3), jnp.float32)
+  points = jnp.zeros((1, 1, c.max_num_points, 2), jnp.float32)
+  labels = jnp.full((1, 1, c.max_num_points), -1.0, jnp.float32)
+  return jax.jit(model.init)(rng, images, points, labels)["params"]
+
+
+# ----------------------------------------------------------------------------
+# The official entry points, as pure functions.
+# ----------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("img_size",))
+def preprocess(images: jax.Array, img_size: int) -> jax.Array:
+  """Float NHWC in [0, 1] → bilinear (no antialias, no aspect) resize to a square, ImageNet-normalized."""
+  x = resize(images.astype(jnp.float32), (img_size, img_size), "bilinear")
+  return (x - jnp.array(PIXEL_MEAN)) / jnp.array(PIXEL_STD)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _encode(model: EfficientSam, params, normalized: jax.Array) -> jax.Array:
+  return model.apply({"params": params}, normalized.astype(model.dtype), method=EfficientSam.encode)
+
+
+def get_image_embeddings(model: EfficientSam, params, images: jax.Array) -> jax.Array:
+  """Images float NHWC in [0, 1] (any size) → embeddings [B, h, w, C] (NHWC)."""
+  _check_images(images)
+  return _encode(model, params, preprocess(images, model.config.img_size))
+
+
+def rescale_points(points: jax.Array, input_hw: tuple[int, int], img_size: int) -> jax.Array:
+  """Input-pixel (x, y) → encoder-grid coordinates; negative coordinates become -1."""
+  h, w = input_hw
+  x, y = points[..., 0], points[..., 1]
+  return jnp.stack([jnp.where(x >= 0, x * img_size / w, -1.0),
+                    jnp.where(y >= 0, y * img_size / h, -1.0)], axis=-1)
+
+
+def pad_points(points: jax.Array, labels: jax.Array, num_points: int):
+  """Pads with (-1, -1, label -1) or truncates the point axis to ``num_points``."""
+  p = points.shape[-2]
+  if p >= num_points:
+    return points[..., :num_points, :], labels[..., :num_points]
+  extra = num_points - p
+  points = jnp.pad(points, [(0, 0)] * (points.ndim - 2) + [(0, extra), (0, 0)], constant_values=-1.0)
+  labels = jnp.pad(labels, [(0, 0)] * (labels.ndim - 1) + [(0, extra)], constant_values=-1.0)
+  return points, labels
+
+
+@functools.partial(jax.jit, static_argnames=("model", "input_hw", "multimask_output"))
+def _decode(model: EfficientSam, params, embeddings, points, labels, input_hw, multimask_output):
+  c = model.config
+  points = rescale_points(points.astype(jnp.float32), input_hw, c.img_size)
+  points, labels = pad_points(points, labels.astype(jnp.float32), c.max_num_points)
+  masks, iou = model.apply({"params": params}, embeddings.astype(model.dtype), points, labels,
+                           multimask_output, method=EfficientSam.decode)
+  return masks.astype(jnp.float32), iou.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("output_hw",))
+def upsample_masks(masks: jax.Array, output_hw: tuple[int, int]) -> jax.Array:
+  """[..., h, w] logits → [..., H, W] with PyTorch bicubic (align_corners=False)."""
+  return resize(masks, output_hw, "bicubic", spatial_axes=(-2, -1))
+
+
+def predict_masks(model: EfficientSam, params, image_embeddings, points, labels, *,
+                  input_hw: tuple[int, int], multimask_output: bool = True,
+                  output_hw: Optional[tuple[int, int]] = None):
+  """Mask logits and IoU from cached embeddings, with the official semantics.
+
+  Args:
+    image_embeddings: [B, h, w, C] from ``get_image_embeddings``.
+    points: [B, Q, P, 2] (x, y) in pixels of the original input of size ``input_hw``.
+    labels: [B, Q, P] in {-1, 0, 1, 2, 3}.
+    multimask_output: three masks (True) or the single-mask output (False).
+    output_hw: bicubic-upsample the logits to this size; None keeps the low-res logits.
+
+  Returns:
+    (logits [B, Q, K, H, W], iou [B, Q, K]), K = 3 or 1.
+  """
+  points, labels = jnp.asarray(points), jnp.asarray(labels)
+  if points.ndim != 4 or points.shape[-1] != 2 or labels.shape != points.shape[:-1]:
+    raise ValueError(f"points must be [B, Q, P, 2] and labels [B, Q, P]; got {tuple(points.shape)} "
+                     f"and {tuple(labels.shape)}")
+  masks, iou = _decode(model, params, image_embeddings, points, labels,
+                       tuple(int(v) for v in input_hw), bool(multimask_output))
+  if output_hw is not None:
+    masks = upsample_masks(masks, tuple(int(v) for v in output_hw))
+  return masks, iou
+
+
+def forward(model: EfficientSam, params, images, points, labels, scale_to_original_image_size: bool = True):
+  """The official ``EfficientSam.forward``: multimask logits at the input size (or low-res) and iou."""
+  images = jnp.asarray(images)
+  embeddings = get_image_embeddings(model, params, images)
+  input_hw = tuple(images.shape[1:3])
+  return predict_masks(model, params, embeddings, points, labels, input_hw=input_hw,
+                       multimask_output=True, output_hw=input_hw if scale_to_original_image_size else None)
+
+
+def _check_images(images) -> None:
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"images must be float [B, H, W, 3] in [0, 1], got shape {tuple(images.shape)}")
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

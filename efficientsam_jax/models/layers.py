@@ -1,0 +1,64 @@
+"""Small building blocks shared by the EfficientSAM and SAM modules.
+
+Module and parameter names follow the official PyTorch attribute names
+(``blocks_3`` for ``blocks.3``), so the checkpoint converter is a mechanical
+renaming; see ``efficientsam_jax/convert/torch_keys.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+
+def exact_gelu(x: jax.Array) -> jax.Array:
+  """PyTorch's default ``nn.GELU`` (erf form, not the tanh approximation)."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def layer_norm(eps: float, name: str, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+  """LayerNorm with PyTorch's two-pass variance (exact parity in fp32)."""
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
+
+
+class MLPBlock(nn.Module):
+  """EfficientSAM's ``MLPBlock``: ``num_layers`` × (Linear + act), then ``fc``."""
+
+  hidden_dim: int
+  output_dim: int
+  num_layers: int
+  act: Callable[[jax.Array], jax.Array] = exact_gelu
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i in range(self.num_layers):
+      x = self.act(nn.Dense(self.hidden_dim, dtype=self.dtype, name=f"layers_{i}_0")(x))
+    return nn.Dense(self.output_dim, dtype=self.dtype, name="fc")(x)
+
+
+class ConvTranspose2x2(nn.Module):
+  """``nn.ConvTranspose2d(kernel_size=2, stride=2)`` on NHWC input.
+
+  With kernel = stride = 2 the output patches do not overlap, so the layer is
+  one einsum followed by a pixel shuffle. Kernel layout (kh, kw, in, out).
+  """
+
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_features = x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, in_features, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    n, h, w, _ = x.shape
+    y = jnp.einsum("nhwc,abco->nhawbo", x, kernel)
+    return y.reshape(n, 2 * h, 2 * w, self.features) + bias

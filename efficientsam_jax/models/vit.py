@@ -1,0 +1,142 @@
+"""The EfficientSAM image encoder: a plain ViT with global attention and a neck.
+
+Same computation as the official ``ImageEncoderViT``: patch 16 conv, a
+(1 + 14·14)-slot position table from 224-pixel pre-training whose grid part is
+resized to the token grid with PyTorch bicubic on every call, pre-norm blocks
+(LayerNorm eps 1e-6, qkv with bias, exact GELU), no final norm, then the neck
+conv1×1 → LayerNorm2d → conv3×3 → LayerNorm2d. Input and output are NHWC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from efficientsam_jax.models.layers import exact_gelu, layer_norm
+from efficientsam_jax.models.resize import resize
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTSize:
+  width: int
+  depth: int
+  num_heads: int
+
+
+# Student / encoder sizes. EfficientSAM-Ti and -S are the released models.
+VIT_SIZES = {
+    "ti": ViTSize(width=192, depth=12, num_heads=3),
+    "s": ViTSize(width=384, depth=12, num_heads=6),
+    "b": ViTSize(width=768, depth=12, num_heads=12),
+}
+
+
+class Attention(nn.Module):
+  """Global multi-head self-attention with a fused qkv projection."""
+
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    *batch, tokens, width = x.shape
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    qkv = nn.Dense(3 * width, dtype=self.dtype, name="qkv")(x)
+    qkv = qkv.reshape(*batch, tokens, 3, self.num_heads, width // self.num_heads)
+    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+    out = jax.nn.dot_product_attention(q, k, v)
+    out = out.reshape(*batch, tokens, width)
+    return nn.Dense(width, dtype=self.dtype, name="proj")(out)
+
+
+class Mlp(nn.Module):
+  hidden_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    x = exact_gelu(nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x))
+    return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(norm1(x)), x + mlp(norm2(x))."""
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    x = x + Attention(self.num_heads, dtype=self.dtype, name="attn")(
+        layer_norm(1e-6, "norm1", self.dtype)(x))
+    x = x + Mlp(int(width * self.mlp_ratio), dtype=self.dtype, name="mlp")(
+        layer_norm(1e-6, "norm2", self.dtype)(x))
+    return x
+
+
+class PatchEmbed(nn.Module):
+  embed_dim: int
+  patch_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    return nn.Conv(self.embed_dim, (self.patch_size, self.patch_size), strides=self.patch_size,
+                   padding="VALID", dtype=self.dtype, name="proj")(images)
+
+
+def resize_pos_embed(pos_embed: jax.Array, grid_hw: tuple[int, int], has_cls_token: bool = True) -> jax.Array:
+  """[1, (1+)S·S, C] table → [1, H, W, C], dropping the cls slot (PyTorch bicubic)."""
+  table = pos_embed[:, 1:] if has_cls_token else pos_embed
+  size = int(round(table.shape[1] ** 0.5))
+  if size * size != table.shape[1]:
+    raise ValueError(f"position table of {table.shape[1]} slots is not a square grid")
+  table = table.reshape(1, size, size, table.shape[-1])
+  return resize(table, grid_hw, "bicubic")
+
+
+class ImageEncoderViT(nn.Module):
+  """EfficientSAM's image encoder. [B, S, S, 3] normalized → [B, S/16, S/16, neck_dim]."""
+
+  img_size: int
+  embed_dim: int
+  depth: int
+  num_heads: int
+  neck_dim: int = 256
+  patch_size: int = 16
+  mlp_ratio: float = 4.0
+  pretrain_img_size: int = 224
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    if images.shape[-3:] != (self.img_size, self.img_size, 3):
+      raise ValueError(f"image encoder expects [B, {self.img_size}, {self.img_size}, 3] "
+                       f"normalized input, got shape {tuple(images.shape)}")
+    pretrain_grid = self.pretrain_img_size // self.patch_size
+    pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
+                           (1, 1 + pretrain_grid * pretrain_grid, self.embed_dim))
+    x = PatchEmbed(self.embed_dim, self.patch_size, dtype=self.dtype, name="patch_embed")(images)
+    batch, grid_h, grid_w, _ = x.shape
+    x = x + resize_pos_embed(pos_embed, (grid_h, grid_w)).astype(x.dtype)
+    x = x.reshape(batch, grid_h * grid_w, self.embed_dim)
+    block_cls = nn.remat(Block) if self.remat else Block
+    for i in range(self.depth):
+      x = block_cls(self.num_heads, self.mlp_ratio, dtype=self.dtype, name=f"blocks_{i}")(x)
+    x = x.reshape(batch, grid_h, grid_w, self.embed_dim)
+    x = nn.Conv(self.neck_dim, (1, 1), use_bias=False, dtype=self.dtype, name="neck_0")(x)
+    x = layer_norm(1e-6, "neck_1", self.dtype)(x)
+    x = nn.Conv(self.neck_dim, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="neck_2")(x)
+    x = layer_norm(1e-6, "neck_3", self.dtype)(x)
+    return x
