@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
+
+from efficientsam_jax.common.files import atomic_file
 
 
 def _torch():
@@ -41,16 +42,7 @@ def load_state_dict(path: str, key: str | None = "model") -> dict[str, np.ndarra
 def save_state_dict(state_dict: dict[str, np.ndarray], path: str, key: str | None = "model") -> None:
   """Writes ``torch.save({key: state_dict})`` atomically (temp file + rename)."""
   torch = _torch()
-  tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+  tensors = {k: torch.from_numpy(np.array(v, copy=True, order="C")) for k, v in state_dict.items()}
   payload = {key: tensors} if key is not None else tensors
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-  os.close(fd)
-  try:
+  with atomic_file(path, suffix=".pt") as tmp:
     torch.save(payload, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from efficientsam_jax.common.files import atomic_directory
 from efficientsam_jax.models.efficient_sam import EfficientSam, EfficientSamConfig, init_params
 
 CONFIG_FILE = "config.json"
@@ -27,25 +26,13 @@ PARAMS_DIR = "params"
 
 def save_pretrained(directory: str, params, config: EfficientSamConfig, overwrite: bool = False) -> str:
   """Writes ``config`` and ``params`` to ``directory`` atomically (temp dir + rename)."""
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory) and not overwrite:
-    raise FileExistsError(f"{directory} exists; pass overwrite=True (--overwrite) to replace it")
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.tmp-")
-  try:
+  with atomic_directory(directory, overwrite=overwrite) as tmp:
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(config.to_dict(), f, indent=1)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
       checkpointer.wait_until_finished()
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.rename(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return directory
 
 

@@ -1,0 +1,84 @@
+"""Checkpoint conversion CLI.
+
+  python -m efficientsam_jax.convert torch-to-jax --input efficient_sam_vitt.pt --output weights/ti
+  python -m efficientsam_jax.convert jax-to-torch --input weights/ti --output exported.pt
+
+``torch-to-jax`` reads an official ``{"model": state_dict}`` checkpoint, infers
+the variant from tensor shapes (or takes ``--config config.json`` with the
+fixture's keys for custom sizes) and writes an orbax weights directory that
+``efficientsam_jax.models.pretrained.load_pretrained`` loads. ``jax-to-torch``
+writes a checkpoint the official ``EfficientSam`` loads with ``strict=True``.
+Nothing is written when the input does not fit the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from efficientsam_jax.convert import torch_io
+from efficientsam_jax.convert.efficient_sam import (infer_config, params_from_state_dict,
+                                                    state_dict_from_params)
+from efficientsam_jax.convert.torch_keys import StateDictMismatch
+from efficientsam_jax.models.efficient_sam import EfficientSamConfig, count_params
+from efficientsam_jax.models.pretrained import load_pretrained, save_pretrained
+
+
+def torch_to_jax(input_path: str, output_dir: str, config_path: str | None = None,
+                 img_size: int | None = None, overwrite: bool = False) -> EfficientSamConfig:
+  if os.path.exists(output_dir) and not overwrite:
+    raise FileExistsError(f"{output_dir} exists; pass --overwrite to replace it")
+  state_dict = torch_io.load_state_dict(input_path)
+  if config_path:
+    config = EfficientSamConfig.from_json(config_path)
+  else:
+    config = infer_config(state_dict, img_size=img_size or 1024)
+  if img_size is not None and img_size != config.img_size:
+    config = EfficientSamConfig.from_dict({**config.to_dict(), "img_size": img_size})
+  config, params = params_from_state_dict(state_dict, config)
+  save_pretrained(output_dir, params, config, overwrite=overwrite)
+  return config
+
+
+def jax_to_torch(input_dir: str, output_path: str, overwrite: bool = False) -> int:
+  if os.path.exists(output_path) and not overwrite:
+    raise FileExistsError(f"{output_path} exists; pass --overwrite to replace it")
+  _, params = load_pretrained(input_dir)
+  state_dict = state_dict_from_params(params)
+  torch_io.save_state_dict(state_dict, output_path)
+  return len(state_dict)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m efficientsam_jax.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  t2j = sub.add_parser("torch-to-jax", help="official PyTorch checkpoint → orbax weights directory")
+  t2j.add_argument("--input", required=True, help="official checkpoint, e.g. efficient_sam_vitt.pt")
+  t2j.add_argument("--output", required=True, help="weights directory to write")
+  t2j.add_argument("--config", help="config.json for custom sizes (keys of EfficientSamConfig)")
+  t2j.add_argument("--img-size", type=int, help="encoder input size (default: 1024, or the config's)")
+  t2j.add_argument("--overwrite", action="store_true")
+  j2t = sub.add_parser("jax-to-torch", help="orbax weights directory → official PyTorch checkpoint")
+  j2t.add_argument("--input", required=True, help="weights directory")
+  j2t.add_argument("--output", required=True, help="checkpoint file to write (.pt)")
+  j2t.add_argument("--overwrite", action="store_true")
+  args = parser.parse_args(argv)
+  start = time.perf_counter()
+  try:
+    if args.command == "torch-to-jax":
+      config = torch_to_jax(args.input, args.output, args.config, args.img_size, args.overwrite)
+      print(f"wrote {args.output}: {config} in {time.perf_counter() - start:.1f}s")
+    else:
+      count = jax_to_torch(args.input, args.output, args.overwrite)
+      print(f"wrote {args.output}: {count} tensors in {time.perf_counter() - start:.1f}s")
+  except (StateDictMismatch, ValueError, FileNotFoundError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
