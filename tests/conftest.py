@@ -37,3 +37,13 @@ def tiny_model(tiny_state_dict, tiny_config):
 def tiny_reference():
   import numpy as np
   return dict(np.load(os.path.join(TINY_DIR, "reference.npz")))
+
+
+def load_config(name: str, arg=None):
+  """``configs/<name>.py``'s ``get_config(arg)``, as ``--config=configs/<name>.py:arg`` gives it."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"configs.{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()

@@ -281,7 +281,7 @@ def _check_points(points: np.ndarray, labels: np.ndarray, height: int, width: in
   valid = np.isin(labels, VALID_LABELS)
   if not valid.all():
     bad = tuple(np.argwhere(~valid)[0])
-    raise ValueError(f"point label {labels[bad]!r} (prompt {bad[0]} point {bad[1]}) is not one of "
+    raise ValueError(f"point label {float(labels[bad]):g} (prompt {bad[0]} point {bad[1]}) is not one of "
                      f"{list(VALID_LABELS)} (1 positive, 0 negative, 2/3 box corners, -1 padding)")
   x, y = points[..., 0], points[..., 1]
   outside = ((x < 0) | (x > width) | (y < 0) | (y > height)) & (labels != LABEL_PADDING)

@@ -130,13 +130,14 @@ class EfficientSam(nn.Module):
     return masks.reshape(b, q, *masks.shape[1:]), iou.reshape(b, q, -1)
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
 def init_params(model: EfficientSam, rng: jax.Array) -> dict:
-  """Random parameters (fp32), initialized in one jitted call."""
+  """Random parameters (fp32), initialized in one jitted call (compiled once per model)."""
   c = model.config
   images = jnp.zeros((1, c.img_size, c.img_size, 3), jnp.float32)
   points = jnp.zeros((1, 1, c.max_num_points, 2), jnp.float32)
   labels = jnp.full((1, 1, c.max_num_points), -1.0, jnp.float32)
-  return jax.jit(model.init)(rng, images, points, labels)["params"]
+  return model.init(rng, images, points, labels)["params"]
 
 
 # ----------------------------------------------------------------------------

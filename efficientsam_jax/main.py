@@ -1,0 +1,46 @@
+"""Entry point for every job: ``python -m efficientsam_jax.main --config=configs/X.py --workdir=DIR``.
+
+The config's ``task`` field picks the job; configs are Python files with
+``get_config(arg=None)`` (variants as ``--config=configs/X.py:arg``, fields
+overridden as ``--config.field=value``).
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Job configuration file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoints and logs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _predict_demo(config, workdir: str) -> None:
+  # pylint: disable=import-outside-toplevel
+  from efficientsam_jax.models import EfficientSamConfig
+  from efficientsam_jax.predict import run_demo
+  model_config = EfficientSamConfig.from_json(config.model_config) if config.model_config else None
+  run_demo(workdir, variant=config.variant, seed=config.seed, config=model_config)
+
+
+TASKS = {
+    "predict_demo": _predict_demo,
+}
+
+
+def run(config, workdir: str) -> None:
+  """Runs the job described by ``config`` (also what tests call)."""
+  if config.task not in TASKS:
+    raise ValueError(f"unknown task {config.task!r} in config; known tasks: {sorted(TASKS)}")
+  TASKS[config.task](config, workdir)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.info("config:\n%s", _CONFIG.value)
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
