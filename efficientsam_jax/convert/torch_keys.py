@@ -33,24 +33,25 @@ def torch_key(path: tuple[str, ...]) -> str:
   return ".".join(parts + [_LEAF_TO_TORCH.get(leaf, leaf)])
 
 
+def _kernel_permutation(ndim: int, transposed_conv: bool) -> tuple[int, ...]:
+  """Axis permutation taking a Flax kernel to the PyTorch layout."""
+  if ndim == 2:
+    return (1, 0)
+  if ndim == 4:
+    return (2, 3, 0, 1) if transposed_conv else (3, 2, 0, 1)
+  raise ValueError(f"unexpected kernel rank {ndim}")
+
+
 def _to_torch_layout(value: np.ndarray, leaf: str, transposed_conv: bool) -> np.ndarray:
   if leaf != "kernel":
     return value
-  if value.ndim == 2:
-    return value.T
-  if value.ndim == 4:
-    return value.transpose(2, 3, 0, 1) if transposed_conv else value.transpose(3, 2, 0, 1)
-  raise ValueError(f"unexpected kernel rank {value.ndim}")
+  return value.transpose(_kernel_permutation(value.ndim, transposed_conv))
 
 
 def _from_torch_layout(value: np.ndarray, leaf: str, transposed_conv: bool) -> np.ndarray:
   if leaf != "kernel":
     return value
-  if value.ndim == 2:
-    return value.T
-  if value.ndim == 4:
-    return value.transpose(2, 3, 0, 1) if transposed_conv else value.transpose(2, 3, 1, 0)
-  raise ValueError(f"unexpected kernel rank {value.ndim}")
+  return value.transpose(np.argsort(_kernel_permutation(value.ndim, transposed_conv)))
 
 
 def params_to_state_dict(params: Mapping, is_transposed_conv: Callable[[tuple], bool] = lambda p: False,

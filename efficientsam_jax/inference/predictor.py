@@ -151,13 +151,9 @@ class EfficientSamPredictor:
       raise ValueError("mask_input is not supported: EfficientSAM has no mask (dense) prompt input, "
                        "only points and boxes; pass mask_input=None")
     self._require_image()
-    points = labels = boxes = None
-    if point_coords is not None or point_labels is not None:
-      if point_coords is None or point_labels is None:
-        raise ValueError("point_coords and point_labels must be given together, got only "
-                         f"{'point_coords' if point_labels is None else 'point_labels'}")
-      points = _as_float_array(point_coords, "point_coords")
-      labels = _as_float_array(point_labels, "point_labels")
+    boxes = None
+    points, labels = _point_arrays(point_coords, point_labels)
+    if points is not None:
       if points.ndim != 2 or points.shape[-1] != 2:
         raise ValueError(f"point_coords must be [N, 2] (x, y) for one prompt, got shape {points.shape}; "
                          "use predict_batch for several prompts")
@@ -199,12 +195,8 @@ class EfficientSamPredictor:
     height, width = self._original_size
     parts_points, parts_labels = [], []
     num_queries = None
-    if point_coords is not None or point_labels is not None:
-      if point_coords is None or point_labels is None:
-        raise ValueError("point_coords and point_labels must be given together, got only "
-                         f"{'point_coords' if point_labels is None else 'point_labels'}")
-      points = _as_float_array(point_coords, "point_coords")
-      labels = _as_float_array(point_labels, "point_labels")
+    points, labels = _point_arrays(point_coords, point_labels)
+    if points is not None:
       if points.ndim != 3 or points.shape[-1] != 2:
         raise ValueError(f"point_coords must be [Q, P, 2] (x, y), got shape {points.shape}")
       if labels.shape != points.shape[:2]:
@@ -270,6 +262,16 @@ def _as_float_array(value: ArrayLike, name: str) -> np.ndarray:
     return np.asarray(value, dtype=np.float64)
   except (TypeError, ValueError) as error:
     raise ValueError(f"{name} must be numeric, got {value!r}") from error
+
+
+def _point_arrays(point_coords, point_labels):
+  """Both as float arrays, or (None, None) when neither is given."""
+  if point_coords is None and point_labels is None:
+    return None, None
+  if point_coords is None or point_labels is None:
+    raise ValueError("point_coords and point_labels must be given together, got only "
+                     f"{'point_coords' if point_labels is None else 'point_labels'}")
+  return _as_float_array(point_coords, "point_coords"), _as_float_array(point_labels, "point_labels")
 
 
 def _check_points(points: np.ndarray, labels: np.ndarray, height: int, width: int) -> None:
