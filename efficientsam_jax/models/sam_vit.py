@@ -1,0 +1,206 @@
+"""SAM's ViT image encoder (the SAMI teacher), computing what segment-anything computes.
+
+Windowed attention (zero-padded to a multiple of the window), decomposed
+relative position tables, a few global blocks, and the neck to 256 channels.
+Presets ``vit_b``/``vit_l``/``vit_h``; custom sizes use SAM's own argument
+names (``SamEncoderConfig`` fields). NHWC in and out.
+
+It also runs at input sizes other than the checkpoint's: the absolute position
+table is resized (PyTorch bicubic) to the token grid, and relative tables are
+linearly resized to the attention span, as SAM itself does for relative tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from efficientsam_jax.models.layers import exact_gelu, layer_norm
+from efficientsam_jax.models.resize import resize
+from efficientsam_jax.models.vit import PatchEmbed
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SamEncoderConfig:
+  """``segment_anything.modeling.ImageEncoderViT`` arguments (same names)."""
+
+  img_size: int = 1024
+  patch_size: int = 16
+  embed_dim: int = 1280
+  depth: int = 32
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  out_chans: int = 256
+  qkv_bias: bool = True
+  use_rel_pos: bool = True
+  window_size: int = 14
+  global_attn_indexes: tuple[int, ...] = (7, 15, 23, 31)
+  layer_norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    object.__setattr__(self, "global_attn_indexes", tuple(self.global_attn_indexes))
+    bad = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
+    if bad:
+      raise ValueError(f"global_attn_indexes {bad} outside 0..{self.depth - 1}")
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+
+  @property
+  def grid_size(self) -> int:
+    return self.img_size // self.patch_size
+
+  @classmethod
+  def preset(cls, name: str) -> "SamEncoderConfig":
+    if name not in SAM_PRESETS:
+      raise ValueError(f"unknown SAM encoder preset {name!r}; known: {sorted(SAM_PRESETS)}")
+    return SAM_PRESETS[name]
+
+  @classmethod
+  def from_dict(cls, values: dict) -> "SamEncoderConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ValueError(f"unknown SAM encoder config keys {unknown}; known: {sorted(names)}")
+    return cls(**values)
+
+  @classmethod
+  def from_json(cls, path: str) -> "SamEncoderConfig":
+    with open(path) as f:
+      return cls.from_dict(json.load(f))
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+SAM_PRESETS = {
+    "vit_b": SamEncoderConfig(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": SamEncoderConfig(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": SamEncoderConfig(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+}
+
+
+def relative_position_bias_table(rel_pos: jax.Array, size: int) -> jax.Array:
+  """[L, D] table → [size, size, D] with entry (i, j) for offset i - j (SAM's ``get_rel_pos``, q = k)."""
+  span = 2 * size - 1
+  if rel_pos.shape[0] != span:
+    rel_pos = resize(rel_pos[:, None, :], (span, 1), "bilinear")[:, 0, :]
+  index = jnp.arange(size)[:, None] - jnp.arange(size)[None, :] + (size - 1)
+  return rel_pos[index]
+
+
+class SamAttention(nn.Module):
+  num_heads: int
+  qkv_bias: bool = True
+  use_rel_pos: bool = True
+  rel_pos_size: Optional[int] = None  # side of the (window or global) attention span at the native size
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, dim = x.shape
+    head_dim = dim // self.num_heads
+    qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
+    qkv = qkv.reshape(b, h, w, 3, self.num_heads, head_dim)
+    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # [b, h, w, heads, d]
+    logits = jnp.einsum("bhwnd,bxynd->bnhwxy", q * head_dim ** -0.5, k)
+    if self.use_rel_pos:
+      span = 2 * self.rel_pos_size - 1
+      init = nn.initializers.zeros
+      rel_h = relative_position_bias_table(self.param("rel_pos_h", init, (span, head_dim)), h)
+      rel_w = relative_position_bias_table(self.param("rel_pos_w", init, (span, head_dim)), w)
+      # SAM adds q·R with the unscaled query.
+      bias_h = jnp.einsum("bhwnd,hxd->bnhwx", q, rel_h.astype(q.dtype))
+      bias_w = jnp.einsum("bhwnd,wyd->bnhwy", q, rel_w.astype(q.dtype))
+      logits = logits + bias_h[..., :, None] + bias_w[..., None, :]
+    logits = logits.reshape(b, self.num_heads, h * w, h * w).astype(jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bnqk,bknd->bqnd", weights, v.reshape(b, h * w, self.num_heads, head_dim))
+    return nn.Dense(dim, dtype=self.dtype, name="proj")(out.reshape(b, h, w, dim))
+
+
+def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int]]:
+  """[B, H, W, C] → [B·nh·nw, window, window, C], zero-padding H and W up to multiples of ``window``."""
+  b, h, w, c = x.shape
+  pad_h, pad_w = -h % window, -w % window
+  x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+  hp, wp = h + pad_h, w + pad_w
+  x = x.reshape(b, hp // window, window, wp // window, window, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, window, window, c), (hp, wp)
+
+
+def window_unpartition(windows: jax.Array, window: int, padded_hw: tuple[int, int],
+                       hw: tuple[int, int]) -> jax.Array:
+  hp, wp = padded_hw
+  c = windows.shape[-1]
+  b = windows.shape[0] // ((hp // window) * (wp // window))
+  x = windows.reshape(b, hp // window, wp // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, hp, wp, c)[:, :hw[0], :hw[1]]
+
+
+class SamMlp(nn.Module):
+  hidden_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = exact_gelu(nn.Dense(self.hidden_dim, dtype=self.dtype, name="lin1")(x))
+    return nn.Dense(x.shape[-1], dtype=self.dtype, name="lin2")(y)
+
+
+class SamBlock(nn.Module):
+  num_heads: int
+  mlp_ratio: float
+  qkv_bias: bool
+  use_rel_pos: bool
+  window_size: int  # 0: global attention
+  rel_pos_size: int
+  layer_norm_eps: float
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dim = x.shape[-1]
+    shortcut = x
+    x = layer_norm(self.layer_norm_eps, "norm1", self.dtype)(x)
+    hw = x.shape[1:3]
+    if self.window_size > 0:
+      x, padded_hw = window_partition(x, self.window_size)
+    x = SamAttention(self.num_heads, self.qkv_bias, self.use_rel_pos, self.rel_pos_size,
+                     dtype=self.dtype, name="attn")(x)
+    if self.window_size > 0:
+      x = window_unpartition(x, self.window_size, padded_hw, hw)
+    x = shortcut + x
+    y = layer_norm(self.layer_norm_eps, "norm2", self.dtype)(x)
+    return x + SamMlp(int(dim * self.mlp_ratio), dtype=self.dtype, name="mlp")(y)
+
+
+class SamImageEncoder(nn.Module):
+  """[B, S, S, 3] normalized images (S any multiple of the patch size) → [B, S/16, S/16, out_chans]."""
+
+  config: SamEncoderConfig
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    c = self.config
+    x = PatchEmbed(c.embed_dim, c.patch_size, dtype=self.dtype, name="patch_embed")(images)
+    pos_embed = self.param("pos_embed", nn.initializers.zeros, (1, c.grid_size, c.grid_size, c.embed_dim))
+    x = x + resize(pos_embed, x.shape[1:3], "bicubic").astype(x.dtype)
+    block_cls = nn.remat(SamBlock) if self.remat else SamBlock
+    for i in range(c.depth):
+      window = 0 if i in c.global_attn_indexes else c.window_size
+      x = block_cls(c.num_heads, c.mlp_ratio, c.qkv_bias, c.use_rel_pos, window,
+                    rel_pos_size=window or c.grid_size, layer_norm_eps=c.layer_norm_eps,
+                    dtype=self.dtype, name=f"blocks_{i}")(x)
+    x = nn.Conv(c.out_chans, (1, 1), use_bias=False, dtype=self.dtype, name="neck_0")(x)
+    x = layer_norm(1e-6, "neck_1", self.dtype)(x)
+    x = nn.Conv(c.out_chans, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="neck_2")(x)
+    return layer_norm(1e-6, "neck_3", self.dtype)(x)
