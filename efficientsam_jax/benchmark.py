@@ -10,10 +10,15 @@ per image and its throughput, and the peak memory. Weights are random
 (``init_params``): speed does not depend on their values.
 
 With ``--torch`` our plain PyTorch encoder (``convert/torch_encoder.py``, the
-official model's computation) runs on the same weights and inputs, in fp32,
-after all JAX rows (so the JAX memory figures do not include PyTorch's). Its
-median latency, the ratio torch/jax (> 1: JAX is faster) and the max relative
-difference of the embeddings, max|torch − jax| / max|jax|, are added to each row.
+official model's computation) runs in fp32 on the same weights and inputs, its
+calls interleaved with the JAX encoder's (so a load change on a shared machine
+hits both alike) and after the row's memory was read. Its median latency, the
+ratio torch/jax (> 1: JAX is faster) and the max relative difference of the
+embeddings, max|torch − jax| / max|jax|, are added to each row.
+
+Peak memory: on an accelerator the device's ``peak_bytes_in_use`` (cumulative,
+JAX cannot reset it); on CPU the process's peak RSS during the row's JAX calls
+(reset per row through ``/proc/self/clear_refs`` where Linux allows).
 """
 
 from __future__ import annotations
@@ -74,30 +79,50 @@ def _cpu_model() -> str:
   return platform.processor() or "unknown CPU"
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
+def _interleaved_median_seconds(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
+  """Median wall time of each function, called in turn (a, b, a, b, ...).
+
+  Alternating makes load changes on a shared machine hit every function alike,
+  so their ratio stays meaningful even when the absolute times drift.
+  """
+  times = [[] for _ in fns]
   for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    for fn, samples in zip(fns, times):
+      start = time.perf_counter()
+      fn()
+      samples.append(time.perf_counter() - start)
+  return [statistics.median(samples) for samples in times]
+
+
+def _device_peak_bytes() -> Optional[int]:
+  stats = jax.devices()[0].memory_stats()
+  return stats.get("peak_bytes_in_use") if stats else None
+
+
+def _reset_host_peak() -> bool:
+  """Resets the process's peak RSS (Linux ``clear_refs``); False where unsupported."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
 
 
 def _peak_memory_mib() -> float:
-  """Peak device memory on accelerators, else the process's peak RSS (both cumulative)."""
-  stats = jax.devices()[0].memory_stats()
-  if stats and "peak_bytes_in_use" in stats:
-    return stats["peak_bytes_in_use"] / 2**20
+  """Device peak on accelerators, else the process's peak RSS."""
+  peak = _device_peak_bytes()
+  if peak is not None:
+    return peak / 2**20
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _memory_label() -> str:
-  stats = jax.devices()[0].memory_stats()
-  if stats and "peak_bytes_in_use" in stats:
-    return "device peak_bytes_in_use"
-  return "process peak RSS (host)"
+  if _device_peak_bytes() is not None:
+    return "device peak_bytes_in_use (cumulative over the run: JAX cannot reset it)"
+  if _reset_host_peak():
+    return "process peak RSS during the row's JAX calls (host; params and libraries included)"
+  return "process peak RSS (host, cumulative over the run)"
 
 
 def _configs(args) -> list[tuple[str, esam.EfficientSamConfig]]:
@@ -119,39 +144,6 @@ def _prompts(config: esam.EfficientSamConfig, batch: int, queries: int, rng: jax
   return points, labels
 
 
-def _bench_jax(name, config, dtype_name, batch, params, args, log) -> tuple[Row, np.ndarray]:
-  """One JAX row; also returns the embeddings (NHWC, fp32) for the PyTorch comparison."""
-  model = esam.EfficientSam(config, dtype=_DTYPES[dtype_name])
-  rng_image, rng_points = jax.random.split(jax.random.PRNGKey(batch))
-  images = jax.random.normal(rng_image, (batch, config.img_size, config.img_size, 3), jnp.float32)
-
-  log(f"[{name} {dtype_name} b{batch}] compiling encoder")
-  start = time.perf_counter()
-  encode = esam._encode.lower(model, params, images).compile()  # pylint: disable=protected-access
-  encoder_compile_s = time.perf_counter() - start
-  log(f"[{name} {dtype_name} b{batch}] timing encoder ({encoder_compile_s:.1f} s compile)")
-  encoder_s = _median_seconds(lambda: jax.block_until_ready(encode(params, images)),
-                              args.repeats, args.warmup)
-  embeddings = jax.block_until_ready(encode(params, images))
-
-  points, labels = _prompts(config, batch, args.queries, rng_points)
-  hw = (config.img_size, config.img_size)
-  start = time.perf_counter()
-  decode = esam._decode.lower(  # pylint: disable=protected-access
-      model, params, embeddings, points, labels, input_hw=hw, multimask_output=True).compile()
-  decoder_compile_s = time.perf_counter() - start
-  log(f"[{name} {dtype_name} b{batch}] timing decoder ({decoder_compile_s:.1f} s compile)")
-  decoder_s = _median_seconds(lambda: jax.block_until_ready(decode(params, embeddings, points, labels)),
-                              args.repeats, args.warmup)
-
-  row = Row(variant=name, dtype=dtype_name, batch=batch,
-            encoder_ms=1e3 * encoder_s, encoder_img_per_s=batch / encoder_s,
-            encoder_compile_s=encoder_compile_s,
-            decoder_ms=1e3 * decoder_s, decoder_prompts_per_s=batch * args.queries / decoder_s,
-            decoder_compile_s=decoder_compile_s, peak_mem_mib=_peak_memory_mib())
-  return row, np.asarray(embeddings, np.float32)
-
-
 def _torch_setup():
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(_cpu_count())
@@ -159,32 +151,77 @@ def _torch_setup():
   return torch, device
 
 
-def _bench_torch(config, params, batches, args, log) -> dict[int, tuple[float, np.ndarray]]:
-  """Median seconds and NHWC embeddings of our PyTorch encoder per batch size (fp32)."""
+def _torch_runner(config, params) -> Callable[[np.ndarray], Callable[[], np.ndarray]]:
+  """Our PyTorch encoder on ``params`` (fp32): NHWC numpy images → a call returning NHWC embeddings."""
   # pylint: disable=import-outside-toplevel
   from efficientsam_jax.convert.efficient_sam import state_dict_from_params
   from efficientsam_jax.convert.torch_encoder import encoder_from_state_dict
   torch, device = _torch_setup()
   encoder = encoder_from_state_dict(state_dict_from_params(params), config).to(device)
-  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-  results = {}
-  for batch in batches:
-    # The same input the JAX row saw (same key), in NCHW.
-    images = jax.random.normal(jax.random.split(jax.random.PRNGKey(batch))[0],
-                               (batch, config.img_size, config.img_size, 3), jnp.float32)
-    x = torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy()).to(device)
 
-    def run():
-      out = encoder(x)
-      sync()
-      return out
+  def bind(images: np.ndarray) -> Callable[[], np.ndarray]:
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
 
-    log(f"[torch b{batch}] timing encoder")
-    with torch.inference_mode():
-      seconds = _median_seconds(run, args.repeats, args.warmup)
-      out = run().permute(0, 2, 3, 1).cpu().numpy()
-    results[batch] = (seconds, out)
-  return results
+    def run() -> np.ndarray:
+      with torch.inference_mode():
+        return encoder(x).permute(0, 2, 3, 1).cpu().numpy()  # .cpu() also waits for CUDA
+
+    return run
+
+  return bind
+
+
+def _bench_row(name, config, dtype_name, batch, params, torch_bind, args, log) -> Row:
+  """One row: JAX encoder and decoder, and (with ``torch_bind``) PyTorch interleaved with JAX."""
+  tag = f"[{name} {dtype_name} b{batch}]"
+  model = esam.EfficientSam(config, dtype=_DTYPES[dtype_name])
+  rng_image, rng_points = jax.random.split(jax.random.PRNGKey(batch))
+  # Normalized images are roughly standard normal.
+  images = jax.random.normal(rng_image, (batch, config.img_size, config.img_size, 3), jnp.float32)
+  _reset_host_peak()
+
+  log(f"{tag} compiling encoder")
+  start = time.perf_counter()
+  encode = esam._encode.lower(model, params, images).compile()  # pylint: disable=protected-access
+  encoder_compile_s = time.perf_counter() - start
+  run_jax = lambda: jax.block_until_ready(encode(params, images))
+  embeddings = run_jax()  # first warm-up call; its output feeds the decoder and the comparison
+  for _ in range(args.warmup - 1):
+    run_jax()
+
+  points, labels = _prompts(config, batch, args.queries, rng_points)
+  hw = (config.img_size, config.img_size)
+  log(f"{tag} compiling and timing decoder ({encoder_compile_s:.1f} s encoder compile)")
+  start = time.perf_counter()
+  decode = esam._decode.lower(  # pylint: disable=protected-access
+      model, params, embeddings, points, labels, input_hw=hw, multimask_output=True).compile()
+  decoder_compile_s = time.perf_counter() - start
+  run_decoder = lambda: jax.block_until_ready(decode(params, embeddings, points, labels))
+  for _ in range(args.warmup):
+    run_decoder()
+  (decoder_s,) = _interleaved_median_seconds([run_decoder], args.repeats)
+  peak_mem_mib = _peak_memory_mib()  # before any PyTorch call
+
+  extra = {}
+  if torch_bind is None:
+    log(f"{tag} timing encoder")
+    (encoder_s,) = _interleaved_median_seconds([run_jax], args.repeats)
+  else:
+    log(f"{tag} timing encoder, interleaved with PyTorch")
+    run_torch = torch_bind(np.asarray(images))
+    torch_embeddings = run_torch()
+    for _ in range(args.warmup - 1):
+      run_torch()
+    encoder_s, torch_s = _interleaved_median_seconds([run_jax, run_torch], args.repeats)
+    ref = np.asarray(embeddings, np.float32)
+    extra = dict(torch_ms=1e3 * torch_s, torch_over_jax=torch_s / encoder_s,
+                 max_rel_diff=float(np.abs(torch_embeddings - ref).max() / np.abs(ref).max()))
+
+  return Row(variant=name, dtype=dtype_name, batch=batch,
+             encoder_ms=1e3 * encoder_s, encoder_img_per_s=batch / encoder_s,
+             encoder_compile_s=encoder_compile_s,
+             decoder_ms=1e3 * decoder_s, decoder_prompts_per_s=batch * args.queries / decoder_s,
+             decoder_compile_s=decoder_compile_s, peak_mem_mib=peak_mem_mib, **extra)
 
 
 _COLUMNS = [
@@ -229,7 +266,10 @@ def _header(args, configs) -> dict:
       "host_cpu": _cpu_model(),
       "host_cores": _cpu_count(),
       "python": platform.python_version(),
-      "memory": _memory_label() + ", cumulative over the run",
+      # The allocator decides how often big temporaries are page-faulted in anew; on CPU it moves
+      # both frameworks' times by up to 2x (see BENCHMARKS.md).
+      "ld_preload": os.environ.get("LD_PRELOAD", ""),
+      "memory": _memory_label(),
       "queries_per_image": args.queries,
       "points_per_prompt": _POINTS_PER_PROMPT,
       "repeats": args.repeats,
@@ -253,7 +293,8 @@ def _parse_args(argv):
   parser.add_argument("--dtypes", type=split, default=["float32"], help="float32,bfloat16,float16")
   parser.add_argument("--queries", type=int, default=16, help="point prompts per image for the decoder")
   parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
-  parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
+  parser.add_argument("--warmup", type=int, default=1,
+                      help="untimed calls before timing (at least 1: its output is compared)")
   parser.add_argument("--torch", action="store_true", help="time our PyTorch encoder side by side")
   parser.add_argument("--json", help="write the header and rows to this file")
   parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -261,8 +302,8 @@ def _parse_args(argv):
   unknown = sorted(set(args.dtypes) - set(_DTYPES))
   if unknown:
     parser.error(f"unknown dtypes {unknown}; choose from {sorted(_DTYPES)}")
-  if args.repeats < 1 or args.queries < 1 or args.warmup < 0 or min(args.batch_sizes, default=0) < 1:
-    parser.error("--repeats, --queries and --batch-sizes must be positive, --warmup >= 0")
+  if args.repeats < 1 or args.queries < 1 or args.warmup < 1 or min(args.batch_sizes, default=0) < 1:
+    parser.error("--repeats, --queries, --warmup and --batch-sizes must be positive")
   return args
 
 
@@ -276,44 +317,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
   meta = _header(args, configs)
 
-  rows, embeddings, all_params = [], {}, {}
+  rows = []
   for name, config in configs:
     params = esam.init_params(esam.EfficientSam(config), jax.random.PRNGKey(0))
-    all_params[name] = params
     log(f"[{name}] {esam.count_params(params):,} parameters, img_size {config.img_size}")
+    torch_bind = _torch_runner(config, params) if args.torch else None
     for dtype_name in args.dtypes:
       for batch in args.batch_sizes:
-        row, emb = _bench_jax(name, config, dtype_name, batch, params, args, log)
-        rows.append(row)
-        embeddings[(name, dtype_name, batch)] = emb
-
-  if args.torch:
-    for name, config in configs:
-      results = _bench_torch(config, all_params[name], args.batch_sizes, args, log)
-      for row in rows:
-        if row.variant != name:
-          continue
-        torch_s, torch_emb = results[row.batch]
-        ref = embeddings[(name, row.dtype, row.batch)]
-        row.torch_ms = 1e3 * torch_s
-        row.torch_over_jax = row.torch_ms / row.encoder_ms
-        row.max_rel_diff = float(np.abs(torch_emb - ref).max() / np.abs(ref).max())
+        rows.append(_bench_row(name, config, dtype_name, batch, params, torch_bind, args, log))
+    del params, torch_bind
 
   print(f"EfficientSAM inference benchmark, {meta['weights']}")
   print(f"device: {meta['backend']} / {meta['device_kind']}; host: {meta['host_cpu']}, "
-        f"{meta['host_cores']} cores; jax {meta['jax']}")
+        f"{meta['host_cores']} cores; jax {meta['jax']}; "
+        f"allocator: {('LD_PRELOAD=' + meta['ld_preload']) if meta['ld_preload'] else 'default malloc'}")
   if args.torch:
     print(f"torch: {meta['torch']}")
   sizes = ", ".join(f"{n}: img {c.img_size}, ViT {c.encoder_embed_dim}x{c.encoder_depth}"
                     for n, c in configs)
   print(f"models: {sizes}")
-  print(f"encoder: median of {args.repeats} after {args.warmup} warm-up, ms per batch; "
-        f"decoder: {args.queries} prompts/image x {_POINTS_PER_PROMPT} point, multimask; "
-        f"peak MiB: {meta['memory']}")
+  print(f"timing: median of {args.repeats} calls after {args.warmup} warm-up; enc ms per batch; "
+        f"dec ms per batch of {args.queries} prompts/image x {_POINTS_PER_PROMPT} point, multimask")
+  print(f"peak MiB: {meta['memory']}")
   print(format_table(rows, args.torch))
   if args.torch:
-    print("torch/jax > 1 means JAX is faster; max rel diff = max|torch - jax| / max|jax| of the "
-          "embeddings (torch is fp32)")
+    print("torch: our PyTorch encoder (official computation), fp32, same weights and input, its calls "
+          "interleaved with the JAX encoder's; torch/jax > 1 means JAX is faster; "
+          "max rel diff = max|torch - jax| / max|jax| of the embeddings")
 
   if args.json:
     with open(args.json, "w") as f:

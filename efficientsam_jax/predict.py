@@ -26,6 +26,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -269,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a box prompt in pixels; several boxes give one mask each")
   parser.add_argument("--output", help="overlay image to write (e.g. out.png)")
   parser.add_argument("--mask-out", help="also write the best mask(s) as .png or .npy")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="compute dtype (parameters stay float32); float32 matches the official model")
   parser.add_argument("--single-mask", action="store_true",
                       help="use the single-mask output instead of choosing the best of three")
   parser.add_argument("--demo", action="store_true",
@@ -327,7 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
   try:
     image = load_image(args.image)
-    model, params = load_pretrained(args.checkpoint)
+    model, params = load_pretrained(args.checkpoint, dtype=args.dtype)
   except (OSError, ValueError) as error:
     parser.error(str(error))
   predictor = EfficientSamPredictor(model, params)
@@ -339,7 +342,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   title = f"EfficientSAM, predicted IoU {', '.join(f'{s:.3f}' for s in result['scores'])}"
   os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
   render_overlay(image, result["masks"], args.point, args.box, title).save(args.output)
-  print(f"image: {args.image} ({image.shape[0]}×{image.shape[1]}), checkpoint: {args.checkpoint}")
+  print(f"image: {args.image} ({image.shape[0]}×{image.shape[1]}), checkpoint: {args.checkpoint}, "
+        f"compute dtype: {jnp.dtype(predictor.model.dtype).name}")
   _print_timings(result)
   print(f"wrote {args.output}")
   if args.mask_out:

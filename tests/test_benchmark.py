@@ -79,7 +79,7 @@ def test_benchmark_cli_prints_table(tmp_path):
   stdout = io.StringIO()
   with contextlib.redirect_stdout(stdout):
     code = benchmark.main(["--config", TINY_CONFIG, "--batch-sizes", "1", "--dtypes", "float32",
-                           "--queries", "2", "--repeats", "1", "--warmup", "0", "--torch", "--quiet",
+                           "--queries", "2", "--repeats", "1", "--warmup", "1", "--torch", "--quiet",
                            "--json", str(out_json)])
   assert code == 0
   text = stdout.getvalue()
@@ -101,6 +101,9 @@ def test_benchmark_cli_prints_table(tmp_path):
   assert row["torch_over_jax"] == pytest.approx(row["torch_ms"] / row["encoder_ms"])
 
 
-def test_benchmark_cli_rejects_bad_dtype():
-  with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
-    benchmark.main(["--dtypes", "float64"])
+@pytest.mark.parametrize("argv", [["--dtypes", "float64"], ["--warmup", "0"], ["--batch-sizes", "0"]])
+def test_benchmark_cli_rejects_bad_arguments(argv):
+  stderr = io.StringIO()
+  with pytest.raises(SystemExit), contextlib.redirect_stderr(stderr):
+    benchmark.main(argv)
+  assert "error" in stderr.getvalue()

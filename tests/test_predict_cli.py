@@ -74,6 +74,18 @@ def test_single_mask_png(files, predictor, tmp_path):
   np.testing.assert_array_equal(mask == 255, expected)
 
 
+def test_bfloat16_compute_agrees_with_float32(files, predictor, tmp_path, capsys):
+  checkpoint, image_path = files
+  mask_path = tmp_path / "m.npy"
+  assert predict.main(["--checkpoint", checkpoint, "--image", image_path, "--box", "30,40,150,260",
+                       "--dtype", "bfloat16", "--output", str(tmp_path / "o.png"),
+                       "--mask-out", str(mask_path)]) == 0
+  assert "compute dtype: bfloat16" in capsys.readouterr().out
+  expected = predictor.predict(box=[30, 40, 150, 260])[0][0]
+  # bf16 flips only pixels near the decision boundary.
+  assert (np.load(mask_path) != expected).mean() < 0.05
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--point", "a,b"], "--point expects numbers"),
     (["--point", "abc"], "--point expects X,Y or X,Y,LABEL"),

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efficientsam_jax.models.layers import ConvTranspose2x2, MLPBlock, exact_gelu, layer_norm
+from efficientsam_jax.models.layers import ConvTranspose2x2, MLPBlock, attention, exact_gelu, layer_norm
 
 Dtype = Any
 
@@ -34,9 +34,8 @@ class TwoWayAttention(nn.Module):
       raise ValueError(f"num_heads {self.num_heads} must divide the attention width {internal}")
     dense = lambda features, name: nn.Dense(features, dtype=self.dtype, name=name)
     heads = lambda x: x.reshape(*x.shape[:-1], self.num_heads, internal // self.num_heads)
-    out = jax.nn.dot_product_attention(heads(dense(internal, "q_proj")(q)),
-                                       heads(dense(internal, "k_proj")(k)),
-                                       heads(dense(internal, "v_proj")(v)))
+    out = attention(heads(dense(internal, "q_proj")(q)), heads(dense(internal, "k_proj")(k)),
+                    heads(dense(internal, "v_proj")(v)))
     return dense(self.embedding_dim, "out_proj")(out.reshape(*out.shape[:-2], internal))
 
 

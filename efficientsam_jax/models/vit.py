@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efficientsam_jax.models.layers import exact_gelu, layer_norm
+from efficientsam_jax.models.layers import attention, exact_gelu, layer_norm
 from efficientsam_jax.models.resize import resize
 
 Dtype = Any
@@ -51,7 +51,7 @@ class Attention(nn.Module):
     qkv = nn.Dense(3 * width, dtype=self.dtype, name="qkv")(x)
     qkv = qkv.reshape(*batch, tokens, 3, self.num_heads, width // self.num_heads)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = attention(q, k, v)
     out = out.reshape(*batch, tokens, width)
     return nn.Dense(width, dtype=self.dtype, name="proj")(out)
 
