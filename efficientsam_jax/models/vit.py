@@ -106,7 +106,12 @@ def resize_pos_embed(pos_embed: jax.Array, grid_hw: tuple[int, int], has_cls_tok
 
 
 class ImageEncoderViT(nn.Module):
-  """EfficientSAM's image encoder. [B, S, S, 3] normalized → [B, S/16, S/16, neck_dim]."""
+  """EfficientSAM's image encoder. [B, S, S, 3] normalized → [B, S/16, S/16, neck_dim].
+
+  ``embed`` and ``transform`` are the ViT without the neck: the SAMI student
+  calls them on a subset of tokens, with the same parameter names, so its
+  weights load straight into EfficientSAM.
+  """
 
   img_size: int
   embed_dim: int
@@ -119,24 +124,35 @@ class ImageEncoderViT(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
 
-  @nn.compact
+  def setup(self):
+    pretrain_grid = self.pretrain_img_size // self.patch_size
+    self.pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
+                                (1, 1 + pretrain_grid * pretrain_grid, self.embed_dim))
+    self.patch_embed = PatchEmbed(self.embed_dim, self.patch_size, dtype=self.dtype)
+    block_cls = nn.remat(Block) if self.remat else Block
+    self.blocks = [block_cls(self.num_heads, self.mlp_ratio, dtype=self.dtype) for _ in range(self.depth)]
+    self.neck_0 = nn.Conv(self.neck_dim, (1, 1), use_bias=False, dtype=self.dtype)
+    self.neck_1 = layer_norm(1e-6, None, self.dtype)
+    self.neck_2 = nn.Conv(self.neck_dim, (3, 3), padding=1, use_bias=False, dtype=self.dtype)
+    self.neck_3 = layer_norm(1e-6, None, self.dtype)
+
+  def embed(self, images: jax.Array) -> jax.Array:
+    """Patch embedding plus the (resized) position table → [B, h, w, embed_dim]."""
+    x = self.patch_embed(images)
+    return x + resize_pos_embed(self.pos_embed, x.shape[1:3]).astype(x.dtype)
+
+  def transform(self, tokens: jax.Array) -> jax.Array:
+    """The transformer blocks on [B, T, embed_dim] tokens (any subset, any order)."""
+    for block in self.blocks:
+      tokens = block(tokens)
+    return tokens
+
   def __call__(self, images: jax.Array) -> jax.Array:
     if images.shape[-3:] != (self.img_size, self.img_size, 3):
       raise ValueError(f"image encoder expects [B, {self.img_size}, {self.img_size}, 3] "
                        f"normalized input, got shape {tuple(images.shape)}")
-    pretrain_grid = self.pretrain_img_size // self.patch_size
-    pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
-                           (1, 1 + pretrain_grid * pretrain_grid, self.embed_dim))
-    x = PatchEmbed(self.embed_dim, self.patch_size, dtype=self.dtype, name="patch_embed")(images)
-    batch, grid_h, grid_w, _ = x.shape
-    x = x + resize_pos_embed(pos_embed, (grid_h, grid_w)).astype(x.dtype)
-    x = x.reshape(batch, grid_h * grid_w, self.embed_dim)
-    block_cls = nn.remat(Block) if self.remat else Block
-    for i in range(self.depth):
-      x = block_cls(self.num_heads, self.mlp_ratio, dtype=self.dtype, name=f"blocks_{i}")(x)
-    x = x.reshape(batch, grid_h, grid_w, self.embed_dim)
-    x = nn.Conv(self.neck_dim, (1, 1), use_bias=False, dtype=self.dtype, name="neck_0")(x)
-    x = layer_norm(1e-6, "neck_1", self.dtype)(x)
-    x = nn.Conv(self.neck_dim, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="neck_2")(x)
-    x = layer_norm(1e-6, "neck_3", self.dtype)(x)
-    return x
+    x = self.embed(images)
+    batch, grid_h, grid_w, width = x.shape
+    x = self.transform(x.reshape(batch, grid_h * grid_w, width)).reshape(batch, grid_h, grid_w, width)
+    x = self.neck_1(self.neck_0(x))
+    return self.neck_3(self.neck_2(x))

@@ -1,0 +1,124 @@
+"""SAMI model: MAE masking, restore order, decoders, losses, and export of the student."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from efficientsam_jax.models import EfficientSam, EfficientSamConfig, init_params
+from efficientsam_jax.models.sami import (SamiConfig, SamiModel, random_masking, sami_loss,
+                                          student_encoder_params)
+
+TINY = dict(encoder_embed_dim=48, encoder_depth=2, encoder_num_heads=3, img_size=64,
+            decoder_dim=32, decoder_depth=2, decoder_num_heads=4, target_dim=8)
+
+
+def test_random_masking_ratio_and_inverse():
+  shuffle, restore, mask = random_masking(jax.random.PRNGKey(0), 4, 196, 49)
+  assert np.all(np.asarray(mask).sum(1) == 196 - 49)
+  x = jnp.arange(4 * 196).reshape(4, 196)
+  shuffled = jnp.take_along_axis(x, shuffle, axis=1)
+  np.testing.assert_array_equal(jnp.take_along_axis(shuffled, restore, axis=1), x)
+  # The visible tokens are exactly the unmasked positions, and masks differ per example.
+  visible = np.zeros((4, 196), bool)
+  np.put_along_axis(visible, np.asarray(shuffle[:, :49]), True, axis=1)
+  np.testing.assert_array_equal(visible, np.asarray(mask) == 0)
+  assert len({tuple(np.flatnonzero(m)) for m in np.asarray(mask)}) == 4
+
+
+def test_config_mask_ratio():
+  assert SamiConfig().num_visible == 49  # 25% of 196 tokens at 224
+  assert SamiConfig(mask_ratio=0.5).num_visible == 98
+  with pytest.raises(ValueError, match="decoder_type"):
+    SamiConfig(decoder_type="mlp")
+
+
+def _patch_slice(index, grid, patch):
+  row, col = divmod(int(index), grid)
+  return slice(row * patch, (row + 1) * patch), slice(col * patch, (col + 1) * patch)
+
+
+@pytest.mark.parametrize("decoder_type", ["cross", "self"])
+def test_masked_patches_are_unseen_and_outputs_in_image_order(decoder_type):
+  config = SamiConfig(decoder_type=decoder_type, **TINY)
+  model = SamiModel(config)
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3))
+  mask_rng = jax.random.PRNGKey(1)
+  params = model.init(jax.random.PRNGKey(2), images, mask_rng)
+  apply = jax.jit(model.apply)
+  predictions, mask = apply(params, images, mask_rng)
+  assert predictions.shape == (2, 16, 8) and mask.shape == (2, 16)
+  mask = np.asarray(mask)
+  masked_token, visible_token = np.flatnonzero(mask[0])[0], np.flatnonzero(mask[0] == 0)[0]
+
+  # Changing a masked patch changes nothing: the encoder never sees it.
+  rows, cols = _patch_slice(masked_token, 4, 16)
+  changed, _ = apply(params, images.at[0, rows, cols].add(5.0), mask_rng)
+  np.testing.assert_allclose(changed, predictions, atol=1e-6)
+
+  # Changing a visible patch changes that token's prediction, at its own position.
+  rows, cols = _patch_slice(visible_token, 4, 16)
+  changed, _ = apply(params, images.at[0, rows, cols].add(5.0), mask_rng)
+  delta = np.abs(np.asarray(changed - predictions)).max(-1)
+  assert delta[0, visible_token] > 1e-3
+  np.testing.assert_allclose(delta[1], 0, atol=1e-6)  # the other example is independent
+  if decoder_type == "cross":
+    # Visible tokens do not attend to each other through the decoder, only in the encoder,
+    # so the biggest change is at the changed token.
+    assert delta[0].argmax() == visible_token
+
+
+def test_losses():
+  rng = np.random.default_rng(0)
+  predictions = rng.normal(size=(2, 5, 4)).astype(np.float32)
+  targets = rng.normal(size=(2, 5, 4)).astype(np.float32)
+  mask = np.array([[1, 1, 0, 0, 0], [0, 0, 0, 0, 1]], np.float32)
+  np.testing.assert_allclose(sami_loss(predictions, targets, mask), ((predictions - targets) ** 2).mean((1, 2)),
+                             rtol=1e-6)
+  per_token = ((predictions - targets) ** 2).mean(-1)
+  np.testing.assert_allclose(sami_loss(predictions, targets, mask, tokens="masked"),
+                             [per_token[0, :2].mean(), per_token[1, 4]], rtol=1e-6)
+  np.testing.assert_allclose(sami_loss(targets * 3.0, targets, mask, kind="cosine"), 0.0, atol=1e-6)
+  np.testing.assert_allclose(sami_loss(-targets, targets, mask, kind="cosine"), 2.0, atol=1e-6)
+  with pytest.raises(ValueError, match="loss kind"):
+    sami_loss(predictions, targets, mask, kind="l1")
+
+
+def test_tiny_model_fits_fixed_targets():
+  config = SamiConfig(**TINY)
+  model = SamiModel(config)
+  images = jax.random.normal(jax.random.PRNGKey(0), (4, 64, 64, 3))
+  targets = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 8))
+  params = model.init(jax.random.PRNGKey(2), images, jax.random.PRNGKey(3))["params"]
+  optimizer = optax.adamw(3e-3)
+  state = optimizer.init(params)
+
+  @jax.jit
+  def step(params, state, rng):
+    def loss_fn(p):
+      predictions, mask = model.apply({"params": p}, images, rng)
+      return sami_loss(predictions, targets, mask).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, state = optimizer.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  losses = []
+  for i in range(60):
+    params, state, loss = step(params, state, jax.random.PRNGKey(100 + i))
+    losses.append(float(loss))
+  assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+
+
+def test_student_loads_into_efficientsam_encoder():
+  sami = SamiModel(SamiConfig.from_variant("ti", img_size=224, decoder_depth=1))
+  sami_params = jax.eval_shape(lambda: sami.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)),
+                                                 jax.random.PRNGKey(1)))["params"]
+  student = traverse_util.flatten_dict(student_encoder_params(sami_params))
+  esam = jax.eval_shape(lambda: init_params(EfficientSam(EfficientSamConfig.from_variant("ti")),
+                                            jax.random.PRNGKey(0)))
+  encoder = traverse_util.flatten_dict(esam["image_encoder"])
+  assert set(student) == {k for k in encoder if not k[0].startswith("neck_")}
+  for key, value in student.items():
+    assert value.shape == encoder[key].shape, key
