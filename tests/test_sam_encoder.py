@@ -1,19 +1,24 @@
 """The SAM image encoder (SAMI teacher) reproduces segment-anything's ImageEncoderViT."""
 
+import json
 import os
 
 import jax
 import numpy as np
 import pytest
 
+from efficientsam_jax.convert import __main__ as cli
 from efficientsam_jax.convert import torch_io
 from efficientsam_jax.convert.sam import encoder_params_from_state_dict, state_dict_from_encoder_params
 from efficientsam_jax.convert.torch_keys import StateDictMismatch
 from efficientsam_jax.models.sam_vit import (SAM_PRESETS, SamEncoderConfig, SamImageEncoder,
                                              window_partition, window_unpartition)
-from conftest import SHARED_FIXTURES
+from efficientsam_jax.models.pretrained import load_pretrained, load_sam_encoder, save_pretrained
+from conftest import SHARED_FIXTURES, TINY_DIR
 
 FIXTURE = os.path.join(SHARED_FIXTURES, "sam_encoder_small")
+FIXTURE_PTH = os.path.join(FIXTURE, "sam_encoder_random.pth")
+FIXTURE_CONFIG = os.path.join(FIXTURE, "config.json")
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +87,86 @@ def test_presets():
   assert SamEncoderConfig.preset("vit_b").global_attn_indexes == (2, 5, 8, 11)
   with pytest.raises(ValueError, match="unknown SAM encoder preset"):
     SamEncoderConfig.preset("vit_x")
+
+
+# --- The teacher through the converter CLI and load_sam_encoder. ---
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  """The small fixture converted by ``sam-to-jax --config``."""
+  out = str(tmp_path_factory.mktemp("teacher") / "sam_small")
+  assert cli.main(["sam-to-jax", "--input", FIXTURE_PTH, "--output", out, "--config", FIXTURE_CONFIG]) == 0
+  return out
+
+
+def test_cli_directory_loads_and_matches_official_encoder(teacher_dir, small):
+  config, _, ref = small
+  with open(os.path.join(teacher_dir, "config.json")) as f:
+    assert json.load(f)["model"] == "sam_encoder"
+  model, params = load_sam_encoder(teacher_dir)
+  assert isinstance(model, SamImageEncoder) and model.config == config
+  features = jax.jit(model.apply)({"params": params}, np.transpose(ref["input"], (0, 2, 3, 1)))
+  ours = np.transpose(np.asarray(features), (0, 3, 1, 2))
+  assert ours.shape == ref["features"].shape
+  error = np.abs(ours - ref["features"]).max() / np.abs(ref["features"]).max()
+  assert error <= 2e-4, error
+
+
+def test_each_loader_refuses_the_other_kind(teacher_dir, tmp_path, capsys):
+  with pytest.raises(ValueError, match=r"holds a SAM image encoder .*load it with load_sam_encoder"):
+    load_pretrained(teacher_dir)
+  efficientsam_dir = str(tmp_path / "tiny")
+  assert cli.main(["torch-to-jax", "--input", os.path.join(TINY_DIR, "efficient_sam_random.pt"),
+                   "--output", efficientsam_dir, "--config", os.path.join(TINY_DIR, "config.json")]) == 0
+  with pytest.raises(ValueError, match=r"holds an EfficientSAM model .*load it with load_pretrained"):
+    load_sam_encoder(efficientsam_dir)
+  # jax-to-torch exports EfficientSAM only: a teacher directory is a clean error, no file.
+  exported = tmp_path / "exported.pt"
+  assert cli.main(["jax-to-torch", "--input", teacher_dir, "--output", str(exported)]) == 2
+  assert "load_sam_encoder" in capsys.readouterr().err and not exported.exists()
+
+
+def test_config_without_model_field_is_efficientsam(tmp_path, tiny_model):
+  """Directories written before the "model" field existed still load."""
+  model, params = tiny_model
+  directory = save_pretrained(str(tmp_path / "old"), params, model.config)
+  path = os.path.join(directory, "config.json")
+  with open(path) as f:
+    values = json.load(f)
+  assert values.pop("model") == "efficientsam"
+  with open(path, "w") as f:
+    json.dump(values, f)
+  loaded_model, loaded = load_pretrained(directory)
+  assert loaded_model.config == model.config
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, jax.device_get(loaded))
+  with pytest.raises(ValueError, match="load it with load_pretrained"):
+    load_sam_encoder(directory)
+
+
+def test_default_preset_on_small_checkpoint_fails_and_writes_nothing(tmp_path, capsys):
+  out = tmp_path / "sam_vit_h"
+  assert cli.main(["sam-to-jax", "--input", FIXTURE_PTH, "--output", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert "preset vit_h" in err and "--config" in err
+  assert ("shape mismatch for image_encoder.pos_embed: checkpoint has (1, 16, 16, 64), "
+          "model expects (1, 64, 64, 1280)") in err
+  assert "missing key image_encoder.blocks.31.attn.qkv.weight (expected torch shape (3840, 1280))" in err
+  assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_sam_to_jax_config_handling(teacher_dir, tmp_path, capsys):
+  # A weights directory's config.json (with its "model" field) serves as --config again.
+  again = tmp_path / "again"
+  assert cli.main(["sam-to-jax", "--input", FIXTURE_PTH, "--output", str(again),
+                   "--config", os.path.join(teacher_dir, "config.json")]) == 0
+  # ...but not for the other kind: the refusal names the model, not the unknown keys.
+  assert cli.main(["torch-to-jax", "--input", os.path.join(TINY_DIR, "efficient_sam_random.pt"),
+                   "--output", str(tmp_path / "x"), "--config", os.path.join(teacher_dir, "config.json")]) == 2
+  assert "describes model 'sam_encoder', not 'efficientsam'" in capsys.readouterr().err
+  # --preset and --config together is a usage error (argparse exits 2).
+  with pytest.raises(SystemExit) as info:
+    cli.main(["sam-to-jax", "--input", FIXTURE_PTH, "--output", str(tmp_path / "y"),
+              "--preset", "vit_b", "--config", FIXTURE_CONFIG])
+  assert info.value.code == 2
+  assert sorted(os.listdir(tmp_path)) == ["again"]

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from efficientsam_jax.convert import torch_keys
-from efficientsam_jax.models.efficient_sam import EfficientSam, EfficientSamConfig, init_params
+from efficientsam_jax.models.efficient_sam import EfficientSam, EfficientSamConfig, abstract_params
 from efficientsam_jax.models.vit import VIT_SIZES
 
 _DEFAULT_DECODER_HEADS = {256: 8}
@@ -52,7 +52,7 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray],
                            config: Optional[EfficientSamConfig] = None) -> tuple[EfficientSamConfig, dict]:
   """Official state dict → (config, params). Raises naming every bad key."""
   config = config or infer_config(state_dict)
-  expected = jax.eval_shape(lambda: init_params(EfficientSam(config), jax.random.PRNGKey(0)))
+  expected = abstract_params(EfficientSam(config))
   params = torch_keys.state_dict_to_params(state_dict, expected, is_transposed_conv)
   return config, params
 

@@ -9,19 +9,12 @@ from __future__ import annotations
 from typing import Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from efficientsam_jax.convert import torch_keys
-from efficientsam_jax.models.sam_vit import SamEncoderConfig, SamImageEncoder
+from efficientsam_jax.models.sam_vit import SamEncoderConfig, SamImageEncoder, abstract_params
 
 PREFIX = "image_encoder."
-
-
-def abstract_params(config: SamEncoderConfig):
-  model = SamImageEncoder(config)
-  images = jax.ShapeDtypeStruct((1, config.img_size, config.img_size, 3), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), images)["params"]
 
 
 def encoder_params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: SamEncoderConfig) -> dict:
@@ -29,7 +22,8 @@ def encoder_params_from_state_dict(state_dict: Mapping[str, np.ndarray], config:
   encoder_only = {k: v for k, v in state_dict.items() if k.startswith(PREFIX)}
   if not encoder_only:
     raise torch_keys.StateDictMismatch(f"no '{PREFIX}*' keys: this is not a SAM checkpoint")
-  return torch_keys.state_dict_to_params(encoder_only, abstract_params(config), prefix=PREFIX)
+  return torch_keys.state_dict_to_params(encoder_only, abstract_params(SamImageEncoder(config)),
+                                         prefix=PREFIX)
 
 
 def state_dict_from_encoder_params(params) -> dict[str, np.ndarray]:

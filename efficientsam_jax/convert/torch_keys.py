@@ -65,6 +65,11 @@ def params_to_state_dict(params: Mapping, is_transposed_conv: Callable[[tuple], 
   return out
 
 
+def _natural(key: str):
+  """Sort key that puts blocks.4 before blocks.10."""
+  return [int(part) if part.isdigit() else part for part in key.split(".")]
+
+
 class StateDictMismatch(ValueError):
   """A state dict does not fit the model; the message lists every offending key."""
 
@@ -82,13 +87,13 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], expected: Mapping
     wanted[prefix + torch_key(path)] = (path, tuple(spec.shape))
   problems = []
   relevant = {k: v for k, v in state_dict.items() if not k.startswith(ignore_prefixes)}
-  for key in sorted(set(relevant) - set(wanted)):
+  for key in sorted(set(relevant) - set(wanted), key=_natural):
     problems.append(f"unexpected key {key} (shape {tuple(np.shape(relevant[key]))})")
-  for key in sorted(set(wanted) - set(relevant)):
+  for key in sorted(set(wanted) - set(relevant), key=_natural):
     problems.append(f"missing key {key} (expected torch shape "
                     f"{_torch_shape(wanted[key], is_transposed_conv)})")
   flat = {}
-  for key in sorted(set(wanted) & set(relevant)):
+  for key in sorted(set(wanted) & set(relevant), key=_natural):
     path, shape = wanted[key]
     value = np.asarray(relevant[key])
     converted = _from_torch_layout(value, path[-1], is_transposed_conv(path)) if value.ndim in (2, 4) else value

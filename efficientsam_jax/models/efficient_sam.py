@@ -140,6 +140,11 @@ def init_params(model: EfficientSam, rng: jax.Array) -> dict:
   return model.init(rng, images, points, labels)["params"]
 
 
+def abstract_params(model: EfficientSam):
+  """The parameter tree as ShapeDtypeStructs (no initialization, no compilation)."""
+  return jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+
+
 # ----------------------------------------------------------------------------
 # The official entry points, as pure functions.
 # ----------------------------------------------------------------------------

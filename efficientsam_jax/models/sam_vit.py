@@ -181,6 +181,13 @@ class SamBlock(nn.Module):
     return x + SamMlp(int(dim * self.mlp_ratio), dtype=self.dtype, name="mlp")(y)
 
 
+def abstract_params(model: "SamImageEncoder"):
+  """The parameter tree as ShapeDtypeStructs (no initialization, no compilation)."""
+  side = model.config.img_size
+  images = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), images)["params"]
+
+
 class SamImageEncoder(nn.Module):
   """[B, S, S, 3] normalized images (S any multiple of the patch size) → [B, S/16, S/16, out_chans]."""
 
