@@ -2,7 +2,11 @@
 
 import os
 
+import jax
 import pytest
+
+# Sharded code is tested on 8 fake CPU devices; must be set before JAX starts its backend.
+jax.config.update("jax_num_cpu_devices", 8)
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 TINY_DIR = os.path.join(DATA_DIR, "efficientsam_tiny")
