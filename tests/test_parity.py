@@ -8,7 +8,6 @@ max|ours - ref| <= 2e-4 * max|ref| for every array.
 import os
 
 import numpy as np
-import pytest
 
 from efficientsam_jax.convert import torch_io
 from efficientsam_jax.convert.efficient_sam import params_from_state_dict

@@ -32,7 +32,7 @@ from efficientsam_jax.convert.efficient_sam import (infer_config, params_from_st
                                                     state_dict_from_params)
 from efficientsam_jax.convert.sam import encoder_params_from_state_dict
 from efficientsam_jax.convert.torch_keys import StateDictMismatch
-from efficientsam_jax.models.efficient_sam import EfficientSamConfig, count_params
+from efficientsam_jax.models.efficient_sam import EfficientSamConfig
 from efficientsam_jax.models.pretrained import config_from_json, load_pretrained, save_pretrained
 from efficientsam_jax.models.sam_vit import SAM_PRESETS, SamEncoderConfig
 

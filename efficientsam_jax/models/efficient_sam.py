@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efficientsam_jax.common.config import JsonConfig
 from efficientsam_jax.models.mask_decoder import MaskDecoder
 from efficientsam_jax.models.prompt_encoder import PromptEncoder
 from efficientsam_jax.models.resize import resize
@@ -35,12 +35,14 @@ PIXEL_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
-class EfficientSamConfig:
+class EfficientSamConfig(JsonConfig):
   """Sizes of an EfficientSAM model; field names are the fixture's ``config.json`` keys.
 
   Fixed as in the release: patch 16, MLP ratio 4, a 14×14 (+cls) pre-training
   position grid, 2 two-way blocks, 3 multimask outputs, at most 6 points.
   """
+
+  _KIND = "EfficientSAM"
 
   img_size: int = 1024
   encoder_embed_dim: int = 192
@@ -76,22 +78,6 @@ class EfficientSamConfig:
       raise ValueError(f"unknown EfficientSAM variant {name!r}; known: {sorted(VIT_SIZES)}")
     size = VIT_SIZES[name]
     return cls(encoder_embed_dim=size.width, encoder_depth=size.depth, encoder_num_heads=size.num_heads)
-
-  @classmethod
-  def from_dict(cls, values: dict) -> "EfficientSamConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-      raise ValueError(f"unknown EfficientSAM config keys {unknown}; known: {sorted(names)}")
-    return cls(**values)
-
-  @classmethod
-  def from_json(cls, path: str) -> "EfficientSamConfig":
-    with open(path) as f:
-      return cls.from_dict(json.load(f))
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
 
 
 class EfficientSam(nn.Module):

@@ -13,13 +13,13 @@ linearly resized to the attention span, as SAM itself does for relative tables.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from efficientsam_jax.common.config import JsonConfig
 from efficientsam_jax.models.layers import exact_gelu, layer_norm
 from efficientsam_jax.models.resize import resize
 from efficientsam_jax.models.vit import PatchEmbed
@@ -28,8 +28,10 @@ Dtype = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class SamEncoderConfig:
+class SamEncoderConfig(JsonConfig):
   """``segment_anything.modeling.ImageEncoderViT`` arguments (same names)."""
+
+  _KIND = "SAM encoder"
 
   img_size: int = 1024
   patch_size: int = 16
@@ -61,22 +63,6 @@ class SamEncoderConfig:
     if name not in SAM_PRESETS:
       raise ValueError(f"unknown SAM encoder preset {name!r}; known: {sorted(SAM_PRESETS)}")
     return SAM_PRESETS[name]
-
-  @classmethod
-  def from_dict(cls, values: dict) -> "SamEncoderConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-      raise ValueError(f"unknown SAM encoder config keys {unknown}; known: {sorted(names)}")
-    return cls(**values)
-
-  @classmethod
-  def from_json(cls, path: str) -> "SamEncoderConfig":
-    with open(path) as f:
-      return cls.from_dict(json.load(f))
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
 
 
 SAM_PRESETS = {

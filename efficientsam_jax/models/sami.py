@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from efficientsam_jax.common.config import JsonConfig
 from efficientsam_jax.models.layers import attention, layer_norm
 from efficientsam_jax.models.vit import VIT_SIZES, Block, ImageEncoderViT, Mlp
 
@@ -30,7 +31,9 @@ Dtype = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class SamiConfig:
+class SamiConfig(JsonConfig):
+  _KIND = "SAMI"
+
   encoder_embed_dim: int = 384
   encoder_depth: int = 12
   encoder_num_heads: int = 6

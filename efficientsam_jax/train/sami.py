@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from efficientsam_jax.models.sami import SamiModel, sami_loss
