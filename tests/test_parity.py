@@ -8,6 +8,7 @@ max|ours - ref| <= 2e-4 * max|ref| for every array.
 import os
 
 import numpy as np
+import pytest
 
 from efficientsam_jax.convert import torch_io
 from efficientsam_jax.convert.efficient_sam import params_from_state_dict
@@ -83,6 +84,16 @@ def test_new_image_size_does_not_recompile_encoder(tiny_model):
   for hw in [(300, 200), (123, 456), (256, 256), (999, 31)]:
     es.get_image_embeddings(model, params, rng.random((1, *hw, 3), dtype=np.float32))
   assert es._encode._cache_size() - before <= 1
+
+
+def test_bad_images_are_named(tiny_model):
+  model, params = tiny_model
+  with pytest.raises(ValueError, match=r"images must be float \[B, H, W, 3\]"):
+    es.get_image_embeddings(model, params, np.zeros((1, 8, 8), np.float32))
+  with pytest.raises(ValueError, match="floating point"):
+    es.get_image_embeddings(model, params, np.zeros((1, 8, 8, 3), np.uint8))
+  with pytest.raises(ValueError, match="empty"):
+    es.get_image_embeddings(model, params, np.zeros((1, 0, 8, 3), np.float32))
 
 
 def test_tiny_fixture_is_the_shared_one():

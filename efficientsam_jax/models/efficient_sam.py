@@ -229,6 +229,8 @@ def _check_images(images) -> None:
     raise ValueError(f"images must be float [B, H, W, 3] in [0, 1], got shape {tuple(images.shape)}")
   if not jnp.issubdtype(images.dtype, jnp.floating):
     raise ValueError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
+  if images.shape[1] == 0 or images.shape[2] == 0:
+    raise ValueError(f"images are empty: shape {tuple(images.shape)} has no pixels")
 
 
 def count_params(params) -> int:
