@@ -21,6 +21,14 @@ def test_matches_torch_interpolate(method, in_hw, out_hw):
   np.testing.assert_allclose(ours, ref, atol=2e-6 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("in_hw,out_hw", [((64, 64), (14, 14)), ((37, 50), (9, 13)), ((16, 16), (16, 16))])
+def test_area_matches_torch_adaptive_avg_pool(in_hw, out_hw):
+  x = np.random.default_rng(1).normal(size=(2, *in_hw, 3)).astype(np.float32)
+  ours = np.asarray(resize(x, out_hw, "area"))
+  ref = F.adaptive_avg_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), out_hw).permute(0, 2, 3, 1).numpy()
+  np.testing.assert_allclose(ours, ref, atol=2e-6 * np.abs(ref).max())
+
+
 def test_cubic_kernel_is_pytorch_not_keys_half():
   # Upsampling a step edge by 2: PyTorch's a = -0.75 overshoots more than a = -0.5.
   m = resize_matrix(4, 8, "bicubic")

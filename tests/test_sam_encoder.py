@@ -170,3 +170,23 @@ def test_sam_to_jax_config_handling(teacher_dir, tmp_path, capsys):
               "--preset", "vit_b", "--config", FIXTURE_CONFIG])
   assert info.value.code == 2
   assert sorted(os.listdir(tmp_path)) == ["again"]
+
+
+def test_teacher_features_on_student_views(small):
+  """Both alignments give [B, S/16, S/16, C]; "upsample" equals running at the native size then pooling."""
+  from efficientsam_jax.models.resize import resize
+  from efficientsam_jax.models.sam_vit import teacher_features
+  config, state_dict, _ = small
+  params = encoder_params_from_state_dict(state_dict, config)
+  model = SamImageEncoder(config)
+  views = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  up = teacher_features(model, params, views, "upsample")
+  assert up.shape == (2, 4, 4, config.out_chans)
+  big = model.apply({"params": params}, resize(views, (256, 256), "bilinear"))  # [2, 16, 16, C]
+  expected = np.asarray(big).reshape(2, 4, 4, 4, 4, -1).mean(axis=(2, 4))  # 16/4: exact 4x4 bins
+  np.testing.assert_allclose(up, expected, atol=1e-5 * np.abs(expected).max())
+  native = teacher_features(model, params, views, "native")
+  assert native.shape == (2, 4, 4, config.out_chans)
+  assert not np.allclose(native, up)
+  with pytest.raises(ValueError, match="unknown teacher mode"):
+    teacher_features(model, params, views, "pooled")

@@ -40,7 +40,8 @@ def resize_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
   Args:
     in_size: input length.
     out_size: output length.
-    method: "bilinear" or "bicubic" (``align_corners=False``, no antialias).
+    method: "bilinear" or "bicubic" (``align_corners=False``, no antialias), or
+      "area" (``adaptive_avg_pool``: each output averages its input bin).
   """
   if in_size <= 0 or out_size <= 0:
     raise ValueError(f"resize sizes must be positive, got {in_size} -> {out_size}")
@@ -66,8 +67,13 @@ def resize_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
     for tap in range(4):
       idx = np.clip(i0 - 1 + tap, 0, in_size - 1)
       np.add.at(matrix, (rows, idx), weights[:, tap])
+  elif method == "area":
+    # PyTorch's adaptive_avg_pool: output i averages inputs [floor(i·in/out), ceil((i+1)·in/out)).
+    for i in range(out_size):
+      start, stop = (i * in_size) // out_size, -((-(i + 1) * in_size) // out_size)
+      matrix[i, start:stop] = 1.0 / (stop - start)
   else:
-    raise ValueError(f"unknown resize method {method!r}; use 'bilinear' or 'bicubic'")
+    raise ValueError(f"unknown resize method {method!r}; use 'bilinear', 'bicubic' or 'area'")
   return matrix
 
 

@@ -197,3 +197,31 @@ class SamImageEncoder(nn.Module):
     x = layer_norm(1e-6, "neck_1", self.dtype)(x)
     x = nn.Conv(c.out_chans, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="neck_2")(x)
     return layer_norm(1e-6, "neck_3", self.dtype)(x)
+
+
+TEACHER_MODES = ("upsample", "native")
+
+
+def teacher_features(model: SamImageEncoder, params, views: jax.Array, mode: str = "upsample") -> jax.Array:
+  """SAM features of student views, aligned to the student's token grid.
+
+  Args:
+    views: [B, S, S, 3] normalized views at the student's resolution (S = 224 for SAMI).
+    mode: "upsample": bilinearly upsample each view to the teacher's native input
+      (1024), run it there (windows and tables as trained), and average-pool the
+      64×64 features to the S/16 grid; "native": run the teacher on the view
+      itself with its position tables resized (about 20× cheaper, but ViT-H then
+      sees a 14×14 grid: every window block becomes global attention).
+
+  Returns:
+    [B, S/16, S/16, out_chans] features.
+  """
+  side = views.shape[1]
+  grid = (side // model.config.patch_size,) * 2
+  if mode == "upsample":
+    native = (model.config.img_size,) * 2
+    features = model.apply({"params": params}, resize(views, native, "bilinear"))
+    return resize(features, grid, "area")
+  if mode == "native":
+    return model.apply({"params": params}, views)
+  raise ValueError(f"unknown teacher mode {mode!r}; use one of {TEACHER_MODES}")
