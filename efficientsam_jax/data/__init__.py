@@ -1,0 +1,1 @@
+"""Input pipelines and the data formats they read and write."""
