@@ -23,8 +23,14 @@ def _predict_demo(config, workdir: str) -> None:
   run_demo(workdir, variant=config.variant, seed=config.seed, config=model_config)
 
 
+def _teacher_precompute(config, workdir: str) -> None:
+  from efficientsam_jax.data.precompute import run_precompute  # pylint: disable=import-outside-toplevel
+  run_precompute(config, workdir)
+
+
 TASKS = {
     "predict_demo": _predict_demo,
+    "teacher_precompute": _teacher_precompute,
 }
 
 
