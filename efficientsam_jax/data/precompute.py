@@ -39,6 +39,7 @@ def make_teacher_fn(model, params, mode: str, batch_size: int, dtype=jnp.float32
   mesh = sharding.make_mesh({"data": -1}, jax.local_devices())
   if batch_size % mesh.size:
     raise ValueError(f"batch_size {batch_size} must be a multiple of the {mesh.size} local devices")
+  # SAM normalizes 0–255 pixels with mean/std ×255 of these: the same numbers on [0, 1] pixels.
   mean, std = jnp.array(PIXEL_MEAN), jnp.array(PIXEL_STD)
 
   @jax.jit
