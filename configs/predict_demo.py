@@ -1,9 +1,8 @@
 """Predictor demo on a bundled photograph with a random-weight (UNTRAINED) EfficientSAM.
 
 Needs no download: ``python -m efficientsam_jax.main --config=configs/predict_demo.py --workdir=DIR``.
-Variants: ``:ti`` (default), ``:s``. Until the SAMI pretraining job lands this
-is the README's main job; it exercises the whole inference path (encoder,
-prompt encoder, decoder, bicubic upsampling, overlay) on real image data.
+Variants: ``:ti`` (default), ``:s``. It exercises the whole inference path
+(encoder, prompt encoder, decoder, bicubic upsampling, overlay) on real image data.
 """
 
 import ml_collections

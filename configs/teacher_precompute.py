@@ -14,35 +14,8 @@ is a single window, so every windowed block turns into global attention that
 SAM never saw in training. The precompute runs once, so we pay for fidelity.
 """
 
-import ml_collections
+from efficientsam_jax.data.precompute import get_precompute_config
 
 
 def get_config(arg=None):
-  config = ml_collections.ConfigDict()
-  config.task = "teacher_precompute"
-  config.source = ml_collections.ConfigDict({"kind": "folder", "folder": ""})
-  config.output_dir = ""  # default: WORKDIR/teacher_records
-  config.views_per_image = 8  # augmented views stored per image (TinyViT-style replay)
-  config.size = 224  # student resolution
-  config.seed = 0
-  config.num_shards = 1024
-  config.batch_size = 64  # per process; a multiple of the local device count
-  config.teacher = ml_collections.ConfigDict({
-      "checkpoint": "",  # weights directory from `convert sam-to-jax`; empty: random teacher below
-      "mode": "upsample",
-      "dtype": "bfloat16",
-      "random_seed": 0,
-      "random_config": {"img_size": 1024, "embed_dim": 1280, "depth": 32, "num_heads": 16,
-                        "global_attn_indexes": (7, 15, 23, 31)},
-  })
-  if arg == "smoke":
-    config.source.kind = "skimage_samples"
-    config.views_per_image = 2
-    config.num_shards = 2
-    config.batch_size = 8
-    config.teacher.dtype = "float32"
-    config.teacher.random_config = {"img_size": 448, "embed_dim": 64, "depth": 2, "num_heads": 4,
-                                    "window_size": 7, "global_attn_indexes": (1,)}
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r} of teacher_precompute; known: smoke")
-  return config
+  return get_precompute_config(arg)

@@ -12,6 +12,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoints and logs.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host: call jax.distributed.initialize() first (auto-detects TPU pods, "
+    "SLURM, or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -28,7 +31,13 @@ def _teacher_precompute(config, workdir: str) -> None:
   run_precompute(config, workdir)
 
 
+def _sami(config, workdir: str) -> None:
+  from efficientsam_jax.train.sami import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  train_and_evaluate(config, workdir)
+
+
 TASKS = {
+    "sami": _sami,
     "predict_demo": _predict_demo,
     "teacher_precompute": _teacher_precompute,
 }
@@ -44,6 +53,11 @@ def run(config, workdir: str) -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _DISTRIBUTED.value:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.distributed.initialize()
+    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
   logging.info("config:\n%s", _CONFIG.value)
   run(_CONFIG.value, _WORKDIR.value)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from efficientsam_jax.models.sami import SamiModel, sami_loss
@@ -40,3 +42,93 @@ def jit_train_step(step_fn, state_shardings, batch_sharding, replicated):
   """The step jitted over the mesh: state in/out in its shardings (donated), batch split over devices."""
   return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, replicated),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def _records_in(directory: str) -> list[str]:
+  import glob  # pylint: disable=import-outside-toplevel
+  return sorted(glob.glob(os.path.join(directory, "teacher-*-of-*.tfrecord")))
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """The SAMI job: teacher records → sharded student training with checkpoints, logs and export.
+
+  Resumes from the latest checkpoint in ``workdir`` (model, optimizer and input
+  iterator together); SIGTERM saves a checkpoint and stops.
+  """
+  # pylint: disable=import-outside-toplevel
+  from efficientsam_jax.data import teacher_records
+  from efficientsam_jax.data.precompute import run_precompute
+  from efficientsam_jax.data.sami_input import sami_dataset
+  from efficientsam_jax.models.sami import SamiConfig
+  from efficientsam_jax.train import sharding
+  from efficientsam_jax.train.checkpoint import Checkpointer, PreemptionFlag
+  from efficientsam_jax.train.metrics import MetricWriter
+  from efficientsam_jax.train.optim import make_optimizer
+  from efficientsam_jax.train.state import create_train_state
+
+  records_dir = config.data.records_dir or os.path.join(workdir, "teacher_records")
+  if config.precompute.enabled:
+    run_precompute(config.precompute.copy_and_resolve_references(), workdir)  # skips finished shards
+  paths = _records_in(records_dir)
+  if not paths:
+    raise FileNotFoundError(f"no teacher records (teacher-*-of-*.tfrecord) in {records_dir}: run the "
+                            "teacher_precompute job first or set data.records_dir")
+  counts = teacher_records.verify_shards(records_dir) if config.data.verify else {}
+  num_records = sum(counts.values())
+
+  global_batch = config.global_batch_size
+  if global_batch % jax.process_count():
+    raise ValueError(f"global_batch_size {global_batch} is not divisible by {jax.process_count()} processes")
+  steps_per_epoch = max(1, num_records // global_batch) if num_records else 0
+  total_steps = config.total_steps or config.num_epochs * steps_per_epoch
+  if total_steps <= 0:
+    raise ValueError("set total_steps, or num_epochs with data.verify=True (to count the records)")
+  warmup = config.lr.warmup_steps if config.lr.warmup_steps >= 0 else config.lr.warmup_epochs * steps_per_epoch
+  tx, schedule = make_optimizer({
+      "optimizer": config.optimizer.to_dict(), "global_batch_size": global_batch, "total_steps": total_steps,
+      "lr": {**config.lr.to_dict(), "warmup_steps": min(warmup, total_steps)}})
+
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  model = SamiModel(SamiConfig(**config.model.to_dict()), dtype=jnp.dtype(config.dtype), remat=config.remat)
+  side = config.model.img_size
+  init = lambda rng: model.init(rng, jnp.zeros((1, side, side, 3)), rng)["params"]
+  state, shardings = create_train_state(init, tx, jax.random.PRNGKey(config.seed), mesh)
+  step_fn = jit_train_step(make_train_step(model, tx, schedule, config.loss.kind, config.loss.tokens),
+                           shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh))
+  iterator = iter(sami_dataset(paths, local_batch_size=global_batch // jax.process_count(), seed=config.seed,
+                               process_index=jax.process_index(), process_count=jax.process_count(),
+                               shuffle_window=config.data.shuffle_window, cycle_length=config.data.cycle_length))
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                              save_interval_steps=config.checkpoint.every_steps)
+  restored = checkpointer.restore(state, shardings)
+  if restored is not None:
+    state, data_state = restored
+    iterator.set_state(data_state["iterator"])
+    print(f"resumed from step {int(state.step)} ({checkpointer.directory})")
+  writer = MetricWriter(workdir, total_steps, global_batch)
+  step = int(state.step)
+  writer.start(step)
+  print(f"SAMI: {num_records or '?'} records, {total_steps} steps of {global_batch}, mesh {dict(mesh.shape)}")
+  preempted = PreemptionFlag()
+  rng = jax.random.PRNGKey(config.seed + 1)
+  first_loss = last_loss = None
+  try:
+    while step < total_steps:
+      batch = sharding.global_batch(next(iterator), mesh)
+      state, metrics = step_fn(state, batch, rng)
+      step += 1
+      if step % config.log_every_steps == 0 or step == total_steps:
+        values = writer.write(step, metrics)
+        first_loss = values["loss"] if first_loss is None else first_loss
+        last_loss = values["loss"]
+      stop = preempted.is_set()
+      checkpointer.save(step, state, {"iterator": iterator.get_state()}, force=stop or step == total_steps)
+      if stop:
+        print(f"SIGTERM: saved step {step} and stopping; run again to resume")
+        break
+  finally:
+    preempted.restore_handlers()
+    checkpointer.close()
+    writer.close()
+  return {"step": step, "total_steps": total_steps, "first_logged_loss": first_loss,
+          "last_logged_loss": last_loss, "state": state}

@@ -1,0 +1,25 @@
+"""The embedded default: precompute → SAMI training on 8 fake devices; the loss falls; a rerun resumes."""
+
+import os
+
+from efficientsam_jax.train.sami import train_and_evaluate
+from conftest import load_config
+
+
+def test_smoke_pipeline_learns_and_resumes(tmp_path, capsys):
+  config = load_config("sami_vits", "smoke")
+  config.total_steps = 30
+  result = train_and_evaluate(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert "RANDOM, UNTRAINED" in out and "wrote 2 shard(s)" in out
+  assert "mesh {'data': 8, 'fsdp': 1}" in out
+  assert result["step"] == 30
+  assert result["last_logged_loss"] < 0.7 * result["first_logged_loss"], result
+  assert {"20", "30"} <= set(os.listdir(tmp_path / "checkpoints"))  # every 20 steps + the end
+  assert os.listdir(tmp_path / "tensorboard")
+
+  config.total_steps = 40  # a longer run continues from the last checkpoint
+  result = train_and_evaluate(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert "skipped 2 finished" in out and "resumed from step 30" in out
+  assert result["step"] == 40 and "step 40/40" in out
