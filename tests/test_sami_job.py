@@ -23,3 +23,18 @@ def test_smoke_pipeline_learns_and_resumes(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "skipped 2 finished" in out and "resumed from step 30" in out
   assert result["step"] == 40 and "step 40/40" in out
+
+  # The student went into an EfficientSAM weights directory that the predictor loads.
+  import jax
+  import numpy as np
+  from efficientsam_jax.inference import EfficientSamPredictor
+  from efficientsam_jax.models.pretrained import load_pretrained
+  model, params = load_pretrained(result["exported"])
+  student = jax.device_get(result["state"].params["encoder"])
+  np.testing.assert_array_equal(params["image_encoder"]["blocks_1"]["attn"]["qkv"]["kernel"],
+                                student["blocks_1"]["attn"]["qkv"]["kernel"])
+  np.testing.assert_array_equal(params["image_encoder"]["pos_embed"], student["pos_embed"])
+  predictor = EfficientSamPredictor(model, params)
+  predictor.set_image(np.zeros((32, 48, 3), np.uint8))
+  masks, scores, _ = predictor.predict([[10, 10]], [1])
+  assert masks.shape == (3, 32, 48) and np.isfinite(scores).all()

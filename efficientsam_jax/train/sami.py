@@ -44,6 +44,30 @@ def jit_train_step(step_fn, state_shardings, batch_sharding, replicated):
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
+def export_student(params, sami_config, output_dir: str, seed: int = 0) -> str:
+  """Writes an EfficientSAM weights directory whose image encoder is the SAMI student.
+
+  The ViT (patch embedding, position table, blocks) comes from the student; the
+  neck, prompt encoder and mask decoder are freshly initialized for finetuning.
+  The predictor and the finetuning job load it with ``load_pretrained``.
+  """
+  # pylint: disable=import-outside-toplevel
+  from efficientsam_jax.models.efficient_sam import EfficientSam, EfficientSamConfig, init_params
+  from efficientsam_jax.models.pretrained import save_pretrained
+  from efficientsam_jax.models.sami import student_encoder_params
+  if sami_config.img_size != 224 or sami_config.patch_size != 16:
+    raise ValueError("EfficientSAM's position table is the 14×14 grid of 224-pixel, patch-16 pre-training; "
+                     f"this student uses img_size {sami_config.img_size}, patch {sami_config.patch_size}")
+  config = EfficientSamConfig(encoder_embed_dim=sami_config.encoder_embed_dim,
+                              encoder_depth=sami_config.encoder_depth,
+                              encoder_num_heads=sami_config.encoder_num_heads)
+  full = jax.device_get(init_params(EfficientSam(config), jax.random.PRNGKey(seed)))
+  encoder = dict(full["image_encoder"])
+  encoder.update(jax.device_get(student_encoder_params(params)))
+  full = {**full, "image_encoder": encoder}
+  return save_pretrained(output_dir, full, config, overwrite=True)
+
+
 def _records_in(directory: str) -> list[str]:
   import glob  # pylint: disable=import-outside-toplevel
   return sorted(glob.glob(os.path.join(directory, "teacher-*-of-*.tfrecord")))
@@ -131,5 +155,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     preempted.restore_handlers()
     checkpointer.close()
     writer.close()
+  exported = None
+  if step == total_steps and jax.process_index() == 0:
+    exported = export_student(state.params, model.config, os.path.join(workdir, "efficientsam_student"))
+    print(f"exported the student encoder as an EfficientSAM weights directory: {exported}")
   return {"step": step, "total_steps": total_steps, "first_logged_loss": first_loss,
-          "last_logged_loss": last_loss, "state": state}
+          "last_logged_loss": last_loss, "state": state, "exported": exported}
