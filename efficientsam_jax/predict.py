@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from efficientsam_jax.common.images import load_rgb
 from efficientsam_jax.inference.predictor import EfficientSamPredictor, to_rgb_uint8
 from efficientsam_jax.models.prompt_encoder import LABEL_NEGATIVE, LABEL_POSITIVE
 
@@ -159,14 +160,6 @@ def save_masks(path: str, masks: np.ndarray, single_prompt: bool) -> None:
   for index, mask in enumerate(masks):
     labels[mask] = index + 1  # Later boxes win where masks overlap.
   Image.fromarray(labels).save(path)
-
-
-def load_image(path: str) -> np.ndarray:
-  try:
-    with Image.open(path) as picture:
-      return to_rgb_uint8(np.asarray(picture.convert("RGB")))
-  except (OSError, ValueError) as error:
-    raise ValueError(f"cannot read image {path!r}: {error}") from error
 
 
 def _print_timings(result: dict) -> None:
@@ -316,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     image = None
     if args.image:
       try:
-        image = load_image(args.image)
+        image = load_rgb(args.image)
       except ValueError as error:
         parser.error(str(error))
     try:
@@ -329,7 +322,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from efficientsam_jax.models.pretrained import load_pretrained
 
   try:
-    image = load_image(args.image)
+    image = load_rgb(args.image)
     model, params = load_pretrained(args.checkpoint, dtype=args.dtype)
   except (OSError, ValueError) as error:
     parser.error(str(error))

@@ -19,20 +19,13 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from efficientsam_jax.common.images import load_rgb
 from efficientsam_jax.data import teacher_records as tr
 from efficientsam_jax.data.views import render_view, sample_view, view_rng
 from efficientsam_jax.models.efficient_sam import PIXEL_MEAN, PIXEL_STD
 from efficientsam_jax.models.sam_vit import teacher_features
 from efficientsam_jax.train import sharding
 from efficientsam_jax.train.metrics import format_eta
-
-
-def load_rgb(path: str) -> np.ndarray:
-  try:
-    with Image.open(path) as picture:
-      return np.asarray(picture.convert("RGB"))
-  except OSError as e:
-    raise ValueError(f"cannot read image {path}: {e}") from e
 
 
 def make_teacher_fn(model, params, mode: str, batch_size: int, dtype=jnp.float32) -> Callable:

@@ -68,11 +68,6 @@ def export_student(params, sami_config, output_dir: str, seed: int = 0) -> str:
   return save_pretrained(output_dir, full, config, overwrite=True)
 
 
-def _records_in(directory: str) -> list[str]:
-  import glob  # pylint: disable=import-outside-toplevel
-  return sorted(glob.glob(os.path.join(directory, "teacher-*-of-*.tfrecord")))
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
   """The SAMI job: teacher records → sharded student training with checkpoints, logs and export.
 
@@ -93,13 +88,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   records_dir = config.data.records_dir or os.path.join(workdir, "teacher_records")
   if config.precompute.enabled:
     run_precompute(config.precompute.copy_and_resolve_references(), workdir)  # skips finished shards
-  paths = _records_in(records_dir)
-  if not paths:
-    raise FileNotFoundError(f"no teacher records (teacher-*-of-*.tfrecord) in {records_dir}: run the "
+  # The manifest lists the finished shards: a stray or half-written file is never read.
+  shards = teacher_records.Manifest(records_dir).entries()
+  if not shards:
+    raise FileNotFoundError(f"no teacher records listed in a manifest in {records_dir}: run the "
                             "teacher_precompute job first or set data.records_dir")
+  paths = [os.path.join(records_dir, name) for name in sorted(shards)]
   if config.data.verify:  # grain's reader skips CRCs: check every shard once, naming a damaged one
     teacher_records.verify_shards(records_dir)
-  num_records = sum(e["count"] for e in teacher_records.Manifest(records_dir).entries().values())
+  num_records = sum(entry["count"] for entry in shards.values())
 
   global_batch = config.global_batch_size
   if global_batch % jax.process_count():

@@ -1,0 +1,18 @@
+"""Reading image files: one place, one error message."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def load_rgb(path: str) -> np.ndarray:
+  """Any image PIL reads → uint8 [H, W, 3] (gray/RGBA/palette converted); ValueError naming the file."""
+  try:
+    with Image.open(path) as picture:
+      image = np.asarray(picture.convert("RGB"))
+  except OSError as error:
+    raise ValueError(f"cannot read image {path!r}: {error}") from error
+  if image.shape[0] == 0 or image.shape[1] == 0:
+    raise ValueError(f"cannot read image {path!r}: it has no pixels (shape {image.shape})")
+  return image
