@@ -141,11 +141,13 @@ def build_teacher(teacher_config):
     return model, params, f"SAM image encoder from {teacher_config.checkpoint}"
   config = SamEncoderConfig.from_dict(dict(teacher_config.random_config))
   model = SamImageEncoder(config)
-  shapes = abstract_params(model)
-  keys = jax.random.split(jax.random.PRNGKey(teacher_config.random_seed), len(jax.tree_util.tree_leaves(shapes)))
+  # Drawn from the shapes rather than with model.init, whose jitted initializers take ~10 s to
+  # compile on a CPU: a stand-in teacher needs plausible scales (norms 1, the rest small), nothing more.
+  shapes, treedef = jax.tree_util.tree_flatten_with_path(abstract_params(model))
+  keys = jax.random.split(jax.random.PRNGKey(teacher_config.random_seed), len(shapes))
   leaves = [0.02 * jax.random.normal(k, s.shape, s.dtype) + (1.0 if path[-1].key == "scale" else 0.0)
-            for k, (path, s) in zip(keys, jax.tree_util.tree_leaves_with_path(shapes))]
-  params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), leaves)
+            for k, (path, s) in zip(keys, shapes)]
+  params = jax.tree_util.tree_unflatten(treedef, leaves)
   return model, params, (f"RANDOM, UNTRAINED SAM-style teacher ({config.embed_dim} wide, {config.depth} blocks): "
                          "the features it writes are meaningless; convert sam_vit_h_4b8939.pth for real ones")
 
