@@ -72,6 +72,17 @@ def test_resume_equals_uninterrupted(tmp_path):
   assert checkpointer.all_steps() == [6, 8]  # keep=2, interval 3, forced final save
 
 
+def test_relative_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  mesh = sharding.make_mesh({"data": 8})
+  state, shardings = create_train_state(_init, TX, jax.random.PRNGKey(0), mesh)
+  with Checkpointer("runs/ckpt", save_interval_steps=1) as checkpointer:
+    assert checkpointer.save(1, state, {"next_batch": 1})
+  restored, data_state = Checkpointer("runs/ckpt").restore(state, shardings)
+  assert data_state == {"next_batch": 1} and int(restored.step) == 0
+  assert os.path.isdir(tmp_path / "runs" / "ckpt" / "1")
+
+
 def test_restore_without_checkpoint_is_none(tmp_path):
   assert Checkpointer(str(tmp_path / "empty")).restore({}, {}) is None
 

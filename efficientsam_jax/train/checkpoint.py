@@ -11,6 +11,7 @@ crash during a save leaves the previous checkpoint as the latest.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from typing import Any, Optional
@@ -25,7 +26,8 @@ class Checkpointer:
                async_save: bool = True):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_interval_steps,
                                            enable_async_checkpointing=async_save, create=True)
-    self._manager = ocp.CheckpointManager(directory, options=options)
+    # orbax requires absolute paths; a relative --workdir is the common case.
+    self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
   @property
   def directory(self) -> str:
