@@ -23,7 +23,7 @@ OPTIMIZER = {"optimizer": {"b1": 0.9, "b2": 0.95, "weight_decay": 0.05},
 def _batch(index):
   """A deterministic stand-in for the input pipeline: batch ``index`` is always the same."""
   rng = np.random.default_rng(index)
-  return {"images": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+  return {"images": rng.integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8),
           "targets": rng.normal(size=(8, 4, 8)).astype(np.float32)}
 
 

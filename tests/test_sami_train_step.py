@@ -17,7 +17,7 @@ TINY = SamiConfig(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4, im
 
 def _batch(step, batch_size=8):
   rng = np.random.default_rng(step)
-  return {"images": rng.normal(size=(batch_size, 64, 64, 3)).astype(np.float32),
+  return {"images": rng.integers(0, 256, size=(batch_size, 64, 64, 3), dtype=np.uint8),
           "targets": rng.normal(size=(batch_size, 16, 16)).astype(np.float32)}
 
 

@@ -123,3 +123,18 @@ def test_smoke_job_through_main_and_restart(tmp_path, capsys):
   assert "wrote 0 shard(s), skipped 2 finished" in capsys.readouterr().out
   record = next(tr.iterate_records([os.path.join(out, tr.shard_name(0, 2))]))
   assert record["image"].shape == (224, 224, 3) and record["features"].shape == (14, 14, 256)
+
+
+def test_bfloat16_teacher_computes_in_bfloat16():
+  """The dtype option must reach the model's matmuls, not only cast the input (fp32 params would promote it back)."""
+  import re
+  import jax.numpy as jnp
+  model = SamImageEncoder(TEACHER)
+  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 128, 128, 3), np.float32))["params"]
+  views = np.zeros((8, 64, 64, 3), np.uint8)
+  for dtype, expected in ((jnp.bfloat16, "bf16"), (jnp.float32, "f32")):
+    text = make_teacher_fn(model, params, "upsample", batch_size=8, dtype=dtype).lower(views).as_text()
+    operands = re.findall(r"dot_general.*: \(tensor<[0-9x]*x(\w+)>, tensor<[0-9x]*x(\w+)>\)", text)
+    assert len(operands) >= 2 * TEACHER.depth  # every attention and MLP matmul is there
+    resize_matmuls = [o for o in operands if o != (expected, expected)]
+    assert len(resize_matmuls) <= 4, sorted(set(operands))  # only the fp32 resizes of views / position tables

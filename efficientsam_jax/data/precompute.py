@@ -22,23 +22,27 @@ from PIL import Image
 from efficientsam_jax.common.images import load_rgb
 from efficientsam_jax.data import teacher_records as tr
 from efficientsam_jax.data.views import render_view, sample_view, view_rng
-from efficientsam_jax.models.efficient_sam import PIXEL_MEAN, PIXEL_STD
+from efficientsam_jax.models.efficient_sam import normalize_uint8
 from efficientsam_jax.models.sam_vit import teacher_features
 from efficientsam_jax.train import sharding
 from efficientsam_jax.train.metrics import format_eta
 
 
 def make_teacher_fn(model, params, mode: str, batch_size: int, dtype=jnp.float32) -> Callable:
-  """uint8 views [n ≤ batch_size, S, S, 3] → float16 features [n, g, g, C], data-parallel over devices."""
+  """uint8 views [n ≤ batch_size, S, S, 3] → float16 features [n, g, g, C], data-parallel over devices.
+
+  ``dtype`` is the teacher's compute dtype (parameters stay as given, cast per
+  matmul): bfloat16 runs the GEMMs on the tensor cores' bf16 path.
+  """
+  model = model.clone(dtype=dtype)
   mesh = sharding.make_mesh({"data": -1}, jax.local_devices())
   if batch_size % mesh.size:
     raise ValueError(f"batch_size {batch_size} must be a multiple of the {mesh.size} local devices")
-  # SAM normalizes 0–255 pixels with mean/std ×255 of these: the same numbers on [0, 1] pixels.
-  mean, std = jnp.array(PIXEL_MEAN), jnp.array(PIXEL_STD)
 
   @jax.jit
   def run(params, views):
-    x = ((views.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
+    # SAM normalizes 0–255 pixels with mean/std ×255 of ImageNet's: the same numbers on [0, 1] pixels.
+    x = normalize_uint8(views).astype(dtype)
     return teacher_features(model, params, x, mode).astype(jnp.float16)
 
   params = jax.device_put(params, sharding.replicated(mesh))
@@ -50,6 +54,7 @@ def make_teacher_fn(model, params, mode: str, batch_size: int, dtype=jnp.float32
     batch = jax.device_put(padded, sharding.batch_sharding(mesh))
     return np.asarray(jax.device_get(run(params, batch)))[:n]
 
+  apply.lower = lambda views: run.lower(params, views)  # for inspecting the compiled computation
   return apply
 
 

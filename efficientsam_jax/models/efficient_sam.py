@@ -136,11 +136,20 @@ def abstract_params(model: EfficientSam):
 # ----------------------------------------------------------------------------
 
 
+def normalize(images: jax.Array) -> jax.Array:
+  """ImageNet normalization of float pixels in [0, 1] (float32 out)."""
+  return (images.astype(jnp.float32) - jnp.array(PIXEL_MEAN)) / jnp.array(PIXEL_STD)
+
+
+def normalize_uint8(pixels: jax.Array) -> jax.Array:
+  """uint8 pixels (0–255) → normalized float32, inside a jitted step (4× fewer bytes host → device)."""
+  return normalize(pixels.astype(jnp.float32) / 255.0)
+
+
 @functools.partial(jax.jit, static_argnames=("img_size",))
 def preprocess(images: jax.Array, img_size: int) -> jax.Array:
   """Float NHWC in [0, 1] → bilinear (no antialias, no aspect) resize to a square, ImageNet-normalized."""
-  x = resize(images.astype(jnp.float32), (img_size, img_size), "bilinear")
-  return (x - jnp.array(PIXEL_MEAN)) / jnp.array(PIXEL_STD)
+  return normalize(resize(images.astype(jnp.float32), (img_size, img_size), "bilinear"))
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from efficientsam_jax.models.efficient_sam import normalize_uint8
 from efficientsam_jax.models.sami import SamiModel, sami_loss
 from efficientsam_jax.train.state import TrainState
 
@@ -17,7 +18,7 @@ def make_train_step(model: SamiModel, tx: optax.GradientTransformation, schedule
                     loss_kind: str = "mse", loss_tokens: str = "all"):
   """Returns ``step(state, batch, rng) -> (state, metrics)``; jit it with shardings and donation.
 
-  ``batch``: ``images`` [B, S, S, 3] normalized, ``targets`` [B, N, C] teacher
+  ``batch``: ``images`` uint8 [B, S, S, 3] (normalized here), ``targets`` [B, N, C] teacher
   features in token order. The mask RNG is ``fold_in(rng, step)``, so a resumed
   run draws the same masks as an uninterrupted one.
   """
@@ -26,7 +27,8 @@ def make_train_step(model: SamiModel, tx: optax.GradientTransformation, schedule
     mask_rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params):
-      predictions, mask = model.apply({"params": params}, batch["images"], mask_rng)
+      images = normalize_uint8(batch["images"])
+      predictions, mask = model.apply({"params": params}, images, mask_rng)
       return sami_loss(predictions, batch["targets"], mask, loss_kind, loss_tokens).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)

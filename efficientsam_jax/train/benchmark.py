@@ -1,0 +1,309 @@
+"""Training-side benchmarks: train-step throughput and MFU, teacher precompute, input pipelines.
+
+    python -m efficientsam_jax.train.benchmark sami --variants ti,s,b --batch-per-device 256
+    python -m efficientsam_jax.train.benchmark teacher --modes upsample,native --batch-per-device 16
+    python -m efficientsam_jax.train.benchmark sami-input --records 2048 --batch 256
+
+``sami``: the real jitted SAMI train step (student + cross-attention decoder +
+AdamW) on random inputs already on the devices, per student size; prints
+ms/step, img/s, the step's model FLOPs (``sami_train_flops_per_image``; XLA's
+cost analysis beside it) and MFU = model FLOPs / time / peak, where peak is
+the accelerator's dense bf16 rate (``PEAK_TFLOPS`` by device kind, or
+``--peak-tflops``); no MFU on CPU. ``--compile-only`` stops after compiling and
+prints the FLOPs and XLA's memory estimate (check a big config fits).
+
+``teacher``: the precompute job's jitted teacher (uint8 views in, fp16
+features out, host transfers included) on random ViT-H weights: views/s.
+
+``--profile DIR`` traces a few steps after the timing and prints the device
+ops that took the most time, with the JAX operation that made each.
+
+``sami-input``: the SAMI grain pipeline on this host (TFRecord read, JPEG
+decode, batching) over shards of real photographs' views: samples/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 matrix peak per chip (vendor datasheets), TFLOP/s, by a substring of device_kind.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0,
+               "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0}
+
+
+def peak_tflops(device: jax.Device, override: float = 0.0) -> Optional[float]:
+  if override:
+    return override
+  if device.platform == "cpu":
+    return None
+  kind = device.device_kind
+  matches = [k for k in PEAK_TFLOPS if k in kind]
+  return PEAK_TFLOPS[max(matches, key=len)] if matches else None
+
+
+def sami_train_flops_per_image(config) -> float:
+  """Model FLOPs of one SAMI training example: matmuls (2·m·n·k) of the forward pass, ×3 for the backward.
+
+  The MFU basis. XLA's own count is printed beside it but is not used: on GPU
+  it leaves out the GEMMs that run as cuBLAS custom calls.
+  """
+  d, dd, p = config.encoder_embed_dim, config.decoder_dim, config.patch_size
+  n, v = config.num_tokens, config.num_visible
+  m = n - v
+  patch_embed = 2 * n * (p * p * 3) * d
+  encoder = config.encoder_depth * (2 * v * 12 * d * d + 4 * v * v * d)  # qkv, proj, MLP (4×); QKᵀ and AV
+  if config.decoder_type == "cross":  # queries: the masked tokens; keys/values: visible + masked
+    block = 2 * m * dd * dd * 2 + 2 * n * dd * dd * 2 + 2 * m * 8 * dd * dd + 4 * m * n * dd
+  else:
+    block = 2 * n * 12 * dd * dd + 4 * n * n * dd
+  decoder = 2 * v * d * dd + config.decoder_depth * block + 2 * n * dd * config.target_dim
+  return 3.0 * (patch_embed + encoder + decoder)
+
+
+def compiled_flops(compiled) -> Optional[float]:
+  """FLOPs of one call of a compiled computation from XLA's cost analysis (None if unavailable)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+def compiled_memory_gib(compiled) -> Optional[float]:
+  """XLA's estimate of a compiled computation's device memory per device (arguments + temporaries)."""
+  try:
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes) / 2**30
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    return None
+
+
+def time_steps(run_step, steps: int, repeats: int) -> float:
+  """Median over ``repeats`` of the mean seconds per step over ``steps`` dispatched steps."""
+  samples = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = None
+    for _ in range(steps):
+      out = run_step()
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - start) / steps)
+  return statistics.median(samples)
+
+
+def profile_top_ops(run, trace_dir: str, calls: int = 3, top: int = 25) -> list[dict]:
+  """Traces ``calls`` calls of ``run`` and returns the device ops that took the most time.
+
+  Reads the trace back with ``jax.profiler.ProfileData``: on an accelerator the
+  ops of the device planes' "XLA Ops" lines (fusions, GEMMs, ... with the JAX
+  source op that made them), on CPU the host's XLA thread events. Each row:
+  op name, total ms per call, share of the op time, count, and its JAX op name.
+  """
+  import glob  # pylint: disable=import-outside-toplevel
+  jax.block_until_ready(run())
+  jax.profiler.start_trace(trace_dir)
+  for _ in range(calls):
+    jax.block_until_ready(run())
+  jax.profiler.stop_trace()
+  path = max(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+  data = jax.profiler.ProfileData.from_file(path)
+  totals, counts, sources = {}, {}, {}
+  device_planes = [p for p in data.planes if p.name.startswith("/device:")]
+  for plane in device_planes or [p for p in data.planes if p.name == "/host:CPU"]:
+    lines = [line for line in plane.lines if line.name != "python"]  # python: the host's own calls
+    if device_planes:  # HLO ops if the trace has them, else the streams' kernels
+      lines = [line for line in lines if line.name == "XLA Ops"] or [
+          line for line in lines if line.name.startswith("Stream")]
+    for line in lines:
+      for event in line.events:
+        totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns
+        counts[event.name] = counts.get(event.name, 0) + 1
+        if event.name not in sources:
+          stats = dict(event.stats)
+          sources[event.name] = str(stats.get("tf_op") or stats.get("long_name") or "")[:140]
+  grand = sum(totals.values()) or 1.0
+  rows = [{"op": name, "ms_per_call": round(ns / 1e6 / calls, 3), "share": round(ns / grand, 3),
+           "count": counts[name] // calls, "source": sources[name]}
+          for name, ns in sorted(totals.items(), key=lambda kv: -kv[1])[:top]]
+  print(f"profile ({'device' if device_planes else 'host'} op time {grand / 1e6 / calls:.2f} ms per call):")
+  for row in rows:
+    print(f"  {row['ms_per_call']:9.3f} ms {100 * row['share']:5.1f}% ×{row['count']:<4} {row['op'][:40]:40} "
+          f"{row['source']}")
+  return rows
+
+
+def _describe(device: jax.Device) -> str:
+  return f"{jax.device_count()} × {device.device_kind} ({device.platform}), jax {jax.__version__}"
+
+
+def bench_sami(args) -> list[dict]:
+  # pylint: disable=import-outside-toplevel
+  from efficientsam_jax.models.sami import SamiConfig, SamiModel
+  from efficientsam_jax.train import sharding
+  from efficientsam_jax.train.optim import make_optimizer
+  from efficientsam_jax.train.sami import jit_train_step, make_train_step
+  from efficientsam_jax.train.state import create_train_state
+
+  mesh = sharding.make_mesh({"data": -1, "fsdp": args.fsdp})
+  peak = peak_tflops(jax.devices()[0], args.peak_tflops)
+  rows = []
+  for variant in args.variants:
+    config = SamiConfig.from_variant(variant)
+    batch = args.batch_per_device * jax.device_count()
+    model = SamiModel(config, dtype=jnp.dtype(args.dtype), remat=args.remat)
+    tx, schedule = make_optimizer({
+        "optimizer": {"b1": 0.9, "b2": 0.95, "weight_decay": 0.05}, "global_batch_size": batch,
+        "total_steps": 1000, "lr": {"base_lr": 1.5e-4, "warmup_steps": 10, "schedule": "cosine"}})
+    side = config.img_size
+    init = lambda rng: model.init(rng, jnp.zeros((1, side, side, 3)), rng)["params"]  # pylint: disable=cell-var-from-loop
+    state, shardings = create_train_state(init, tx, jax.random.PRNGKey(0), mesh)
+    step = jit_train_step(make_train_step(model, tx, schedule), shardings, sharding.batch_sharding(mesh),
+                          sharding.replicated(mesh))
+    data = {"images": jax.random.randint(jax.random.PRNGKey(1), (batch, side, side, 3), 0, 256).astype(jnp.uint8),
+            "targets": jax.random.normal(jax.random.PRNGKey(2), (batch, config.num_tokens, config.target_dim))}
+    data = jax.device_put(data, sharding.batch_sharding(mesh))
+    rng = jax.random.PRNGKey(3)
+    start = time.perf_counter()
+    compiled = step.lower(state, data, rng).compile()
+    compile_s = time.perf_counter() - start
+    flops = sami_train_flops_per_image(config) * batch / jax.device_count()  # per device
+    xla_flops = compiled_flops(compiled)
+    row = {"variant": variant, "dtype": args.dtype, "remat": args.remat, "batch": batch,
+           "compile_s": round(compile_s, 1), "model_gflop_per_step": round(flops / 1e9, 1),
+           "xla_gflop_per_step": xla_flops and round(xla_flops / 1e9, 1),
+           "xla_mem_gib": compiled_memory_gib(compiled)}
+    if not args.compile_only:
+      holder = [state]
+
+      def run_step(compiled=compiled):
+        holder[0], metrics = compiled(holder[0], data, rng)
+        return metrics["loss"]
+
+      for _ in range(args.warmup):
+        jax.block_until_ready(run_step())
+      seconds = time_steps(run_step, args.steps, args.repeats)
+      row.update(ms_per_step=round(1e3 * seconds, 2), img_per_s=round(batch / seconds, 1))
+      if args.profile:
+        profile_top_ops(run_step, os.path.join(args.profile, f"sami_{variant}"))
+      if peak:
+        row["mfu"] = round(flops / seconds / (peak * 1e12), 4)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    del state, step, compiled
+  return rows
+
+
+def bench_teacher(args) -> list[dict]:
+  # pylint: disable=import-outside-toplevel
+  from efficientsam_jax.data.precompute import build_teacher, get_precompute_config, make_teacher_fn
+  teacher_config = get_precompute_config().teacher  # random ViT-H (speed does not depend on the weights)
+  model, params, description = build_teacher(teacher_config)
+  print(f"teacher: {description}")
+  batch = args.batch_per_device * jax.local_device_count()
+  rows = []
+  for mode in args.modes:
+    apply = make_teacher_fn(model, params, mode, batch, jnp.dtype(args.dtype))
+    views = np.random.default_rng(0).integers(0, 256, (batch, args.size, args.size, 3), dtype=np.uint8)
+    start = time.perf_counter()
+    apply(views)
+    compile_s = time.perf_counter() - start
+    seconds = time_steps(lambda: apply(views), args.steps, args.repeats)  # pylint: disable=cell-var-from-loop
+    if args.profile:
+      profile_top_ops(lambda: apply(views), os.path.join(args.profile, f"teacher_{mode}"), calls=1)  # pylint: disable=cell-var-from-loop
+    row = {"mode": mode, "dtype": args.dtype, "batch": batch, "size": args.size,
+           "first_call_s": round(compile_s, 1), "ms_per_batch": round(1e3 * seconds, 1),
+           "views_per_s": round(batch / seconds, 1)}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  return rows
+
+
+def bench_sami_input(args) -> list[dict]:
+  # pylint: disable=import-outside-toplevel
+  from efficientsam_jax.data import teacher_records as tr
+  from efficientsam_jax.data.precompute import bundled_images, precompute
+  from efficientsam_jax.data.sami_input import sami_dataset
+
+  grid = args.size // 16
+
+  def fake_teacher(views):  # the records' features: shape and dtype of the real ones
+    return np.random.default_rng(len(views)).normal(size=(len(views), grid, grid, 256)).astype(np.float16)
+
+  with tempfile.TemporaryDirectory() as tmp:
+    sources = tr.list_image_folder(bundled_images(os.path.join(tmp, "images")))
+    views = -(-args.records // len(sources))
+    out = os.path.join(tmp, "records")
+    shards = min(args.shards, len(sources))  # at most one shard per source image
+    precompute(sources, out, fake_teacher, num_shards=shards, views_per_image=views, size=args.size, seed=0,
+               batch_size=64, job_hash="benchmark", log=lambda _: None)
+    paths = [os.path.join(out, n) for n in sorted(tr.Manifest(out).entries())]
+    iterator = iter(sami_dataset(paths, local_batch_size=args.batch, seed=0, shuffle_window=args.shuffle_window,
+                                 cycle_length=shards))
+    for _ in range(args.warmup):
+      next(iterator)
+    samples = []
+    for _ in range(args.repeats):
+      start = time.perf_counter()
+      for _ in range(args.steps):
+        next(iterator)
+      samples.append(args.steps * args.batch / (time.perf_counter() - start))
+  row = {"records": len(sources) * views, "batch": args.batch, "size": args.size,
+         "samples_per_s": round(statistics.median(samples), 1), "cpus": len(os.sched_getaffinity(0))}
+  print(json.dumps(row), flush=True)
+  return [row]
+
+
+def _parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="what", required=True)
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--steps", type=int, default=10, help="timed steps (batches) per repeat")
+  common.add_argument("--repeats", type=int, default=3)
+  common.add_argument("--warmup", type=int, default=2)
+  common.add_argument("--json", default="", help="also write the rows to this file")
+  common.add_argument("--profile", default="", help="trace a few steps into this directory and print the top ops")
+  sami = sub.add_parser("sami", parents=[common])
+  sami.add_argument("--variants", type=lambda s: s.split(","), default=["ti", "s", "b"])
+  sami.add_argument("--batch-per-device", type=int, default=256)
+  sami.add_argument("--dtype", default="bfloat16")
+  sami.add_argument("--remat", action="store_true")
+  sami.add_argument("--fsdp", type=int, default=1)
+  sami.add_argument("--peak-tflops", type=float, default=0.0, help="override the per-chip bf16 peak")
+  sami.add_argument("--compile-only", action="store_true")
+  teacher = sub.add_parser("teacher", parents=[common])
+  teacher.add_argument("--modes", type=lambda s: s.split(","), default=["upsample", "native"])
+  teacher.add_argument("--batch-per-device", type=int, default=16)
+  teacher.add_argument("--dtype", default="bfloat16")
+  teacher.add_argument("--size", type=int, default=224)
+  data = sub.add_parser("sami-input", parents=[common])
+  data.add_argument("--records", type=int, default=2048)
+  data.add_argument("--shards", type=int, default=8)
+  data.add_argument("--batch", type=int, default=256)
+  data.add_argument("--size", type=int, default=224)
+  data.add_argument("--shuffle-window", type=int, default=1024)
+  return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = _parse_args(argv)
+  print(f"devices: {_describe(jax.devices()[0])}", flush=True)
+  rows = {"sami": bench_sami, "teacher": bench_teacher, "sami-input": bench_sami_input}[args.what](args)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"devices": _describe(jax.devices()[0]), "what": args.what, "rows": rows}, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

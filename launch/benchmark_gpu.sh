@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The benchmarks that need an accelerator, in one prepared run (BENCHMARKS.md records their figures).
+#
+#   bash launch/benchmark_gpu.sh OUTDIR [WHEELS_DIR] [PARTS]
+#
+# PARTS (default: all, in this order): sami teacher sami_options sami_input sami_smoke inference.
+# Each part runs under its own time limit so one slow part cannot starve the rest: the SAMI train
+# step per student size (img/s, MFU; bf16, batch 256/device), the teacher precompute (ViT-H
+# views/s), ViT-S at batch 512 and with remat, the SAMI input pipeline, the README's SAMI smoke
+# job end to end, the inference benchmark. WHEELS_DIR: wheels of packages the machine lacks,
+# installed to /tmp/site first (for machines without a package index).
+set -uo pipefail
+out=${1:?output directory}; wheels=${2:-}
+parts=${3:-sami teacher sami_options sami_input sami_smoke inference}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [[ -n "$wheels" ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$wheels"/*.whl || exit 1
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+nvidia-smi -L 2>/dev/null
+python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, \
+'optax', optax.__version__, 'orbax', o.__version__, jax.devices())"
+run() {  # run NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name"; local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | grep -v "^WARNING: All log messages\|^I0000\|^W0000" | tee -a "$out/$name.log"
+  echo "=== $name: rc ${PIPESTATUS[0]}, $((SECONDS - t0)) s"
+}
+bench="python3 -m efficientsam_jax.train.benchmark"
+for part in $parts; do
+  case $part in
+    sami) run sami 140 $bench sami --variants ti,s,b --batch-per-device 256 --json "$out/sami_bf16.json" ;;
+    teacher) run teacher 100 $bench teacher --modes upsample,native --batch-per-device 32 --steps 3 \
+      --repeats 2 --json "$out/teacher.json" ;;
+    sami_options)
+      run sami_options 45 $bench sami --variants s --batch-per-device 512 --json "$out/sami_s512.json"
+      run sami_options 45 $bench sami --variants s --batch-per-device 256 --remat --json "$out/sami_s_remat.json" ;;
+    sami_input) run sami_input 40 $bench sami-input --records 4096 --batch 256 --steps 8 --json "$out/sami_input.json" ;;
+    sami_smoke) run sami_smoke 60 python3 -m efficientsam_jax.main --config=configs/sami_vits.py:smoke \
+      --workdir=/tmp/sami_smoke ;;
+    inference) run inference 90 python3 -m efficientsam_jax.benchmark --variants ti,s --batch-sizes 1,8 \
+      --dtypes float32,bfloat16 --queries 64 --repeats 5 --json "$out/inference.json" ;;
+    *) echo "unknown part $part" ;;
+  esac
+done

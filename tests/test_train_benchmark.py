@@ -1,0 +1,31 @@
+"""The training benchmark's FLOP count (the MFU basis) and its profile reader."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from efficientsam_jax.models.sami import SamiConfig, SamiModel
+from efficientsam_jax.train.benchmark import compiled_flops, peak_tflops, profile_top_ops, sami_train_flops_per_image
+
+
+@pytest.mark.parametrize("decoder_type", ["cross", "self"])
+def test_model_flops_match_xla_count_of_the_forward(decoder_type):
+  config = SamiConfig(encoder_embed_dim=192, encoder_depth=2, encoder_num_heads=3, decoder_dim=256,
+                      decoder_depth=2, decoder_num_heads=8, decoder_type=decoder_type)
+  model, rng, images = SamiModel(config), jax.random.PRNGKey(0), jnp.zeros((4, 224, 224, 3))
+  params = jax.eval_shape(lambda: model.init(rng, images[:1], rng))["params"]
+  compiled = jax.jit(lambda p, x: model.apply({"params": p}, x, rng)[0]).lower(params, images).compile()
+  xla_forward = compiled_flops(compiled) / 4
+  ours_forward = sami_train_flops_per_image(config) / 3
+  # XLA also counts the elementwise work (norms, GELU, softmax): a few percent more than the matmuls.
+  assert 0.9 * xla_forward < ours_forward < xla_forward
+
+
+def test_peak_table_and_profile_reader(tmp_path):
+  assert peak_tflops(jax.devices()[0]) is None  # no MFU on CPU
+  assert peak_tflops(jax.devices()[0], 100.0) == 100.0
+  x = jnp.ones((256, 256))
+  f = jax.jit(lambda x: jnp.tanh(x @ x))
+  rows = profile_top_ops(lambda: f(x), str(tmp_path), calls=2)
+  assert rows and all(r["ms_per_call"] >= 0 for r in rows)
+  assert abs(sum(r["share"] for r in rows) - 1.0) < 0.05 or len(rows) == 25
