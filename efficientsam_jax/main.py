@@ -36,10 +36,28 @@ def _sami(config, workdir: str) -> None:
   train_and_evaluate(config, workdir)
 
 
+def _eval_points(config, workdir: str) -> None:
+  from efficientsam_jax.evaluation.points import run_eval_points  # pylint: disable=import-outside-toplevel
+  run_eval_points(config, workdir)
+
+
+def _eval_instances(config, workdir: str) -> None:
+  from efficientsam_jax.evaluation.instances import run_eval_instances  # pylint: disable=import-outside-toplevel
+  run_eval_instances(config, workdir)
+
+
+def _finetune(config, workdir: str) -> None:
+  from efficientsam_jax.train.finetune import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  train_and_evaluate(config, workdir)
+
+
 TASKS = {
     "sami": _sami,
+    "finetune": _finetune,
     "predict_demo": _predict_demo,
     "teacher_precompute": _teacher_precompute,
+    "eval_points": _eval_points,
+    "eval_instances": _eval_instances,
 }
 
 

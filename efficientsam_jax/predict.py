@@ -4,6 +4,9 @@
         (--point X,Y[,LABEL] ... | --box X0,Y0,X1,Y1 ...) --output out.png \\
         [--mask-out mask.png|mask.npy] [--single-mask]
 
+    python -m efficientsam_jax.predict --checkpoint DIR --image IMG --everything --output out.png \\
+        [--records-out records.json] [--points-per-side 32] [--crop-n-layers 1] [--min-mask-region-area 100]
+
     python -m efficientsam_jax.predict --demo [--output-dir DIR] [--variant ti]
 
 Prompts: all ``--point``s (label 1 = positive, 0 = negative; default 1) and at
@@ -12,6 +15,9 @@ decoded together, one prompt per box. The overlay shows each prompt's best mask
 (highest predicted IoU); ``--mask-out`` writes the best mask(s): NPY as bool
 [H, W] (one prompt) or [Q, H, W] (several boxes), PNG as 0/255 (one prompt) or
 a label image whose value i+1 marks box i.
+
+``--everything`` runs the automatic mask generator (``inference/everything.py``) and
+writes its records (SAM's format, COCO RLE) as JSON beside a coloured overlay.
 
 ``--demo`` needs no download: it runs an EfficientSAM with RANDOM, UNTRAINED
 weights on scikit-image's astronaut photo, so its mask is meaningless; it shows
@@ -272,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--output-dir", default="efficientsam_demo", help="--demo: where to write (default %(default)s)")
   parser.add_argument("--variant", default="ti", choices=sorted(VIT_SIZES), help="--demo: model size")
   parser.add_argument("--seed", type=int, default=0, help="--demo: random-init seed")
+  from efficientsam_jax.inference import everything
+  everything.add_cli_arguments(parser)
   return parser
 
 
@@ -280,6 +288,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     parser.error("--point cannot be combined with several --box: give one box with points, "
                  "or boxes only (one prompt per box)")
   if args.demo:
+    if args.everything:
+      parser.error("--everything needs trained weights (--checkpoint): random ones pass none of its filters")
     if args.checkpoint or args.output or args.mask_out:
       parser.error("--demo uses random weights and writes into --output-dir; "
                    "drop --checkpoint/--output/--mask-out")
@@ -288,8 +298,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                                       ("--output", args.output)) if not value]
   if missing:
     parser.error(f"missing {', '.join(missing)} (or use --demo)")
-  if not args.point and not args.box:
-    parser.error("give at least one --point X,Y[,LABEL] or --box X0,Y0,X1,Y1")
+  if args.everything and (args.point or args.box or args.mask_out):
+    parser.error("--everything takes no --point/--box/--mask-out: it prompts a grid of points itself")
+  if not args.point and not args.box and not args.everything:
+    parser.error("give at least one --point X,Y[,LABEL] or --box X0,Y0,X1,Y1 (or --everything)")
   if os.path.splitext(args.output)[1].lower() not in Image.registered_extensions():
     parser.error(f"--output {args.output!r} needs an image extension such as .png")
   if args.mask_out and not args.mask_out.lower().endswith(MASK_SUFFIXES):
@@ -326,6 +338,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model, params = load_pretrained(args.checkpoint, dtype=args.dtype)
   except (OSError, ValueError) as error:
     parser.error(str(error))
+  if args.everything:
+    from efficientsam_jax.inference import everything
+    everything.run_cli(model, params, image, args)
+    return 0
   predictor = EfficientSamPredictor(model, params)
   try:
     result = segment(predictor, image, args.point, args.box, multimask_output=not args.single_mask)

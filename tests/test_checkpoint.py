@@ -11,7 +11,8 @@ from efficientsam_jax.models.sami import SamiConfig, SamiModel
 from efficientsam_jax.train import sharding
 from efficientsam_jax.train.checkpoint import Checkpointer, PreemptionFlag
 from efficientsam_jax.train.optim import make_optimizer
-from efficientsam_jax.train.sami import jit_train_step, make_train_step
+from efficientsam_jax.train.loop import jit_train_step
+from efficientsam_jax.train.sami import make_train_step
 from efficientsam_jax.train.state import create_train_state
 
 TINY = SamiConfig(encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2, img_size=32,

@@ -1,6 +1,8 @@
-"""Reading image files: one place, one error message."""
+"""Image files and JPEG bytes: one place, one error message."""
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 from PIL import Image
@@ -16,3 +18,10 @@ def load_rgb(path: str) -> np.ndarray:
   if image.shape[0] == 0 or image.shape[1] == 0:
     raise ValueError(f"cannot read image {path!r}: it has no pixels (shape {image.shape})")
   return image
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
+  """uint8 [H, W, 3] → JPEG bytes."""
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+  return buffer.getvalue()

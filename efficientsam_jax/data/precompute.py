@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from efficientsam_jax.common.images import load_rgb
+from efficientsam_jax.common.images import encode_jpeg, load_rgb
 from efficientsam_jax.data import teacher_records as tr
 from efficientsam_jax.data.views import render_view, sample_view, view_rng
 from efficientsam_jax.models.efficient_sam import normalize_uint8
@@ -75,7 +75,7 @@ def shard_records(sources: Sequence[tuple[str, str]], teacher_fn: Callable, *, v
     image = load_rgb(path)
     for index in range(views_per_image):
       view = sample_view(view_rng(seed, source_id, index), image.shape[:2])
-      jpeg = tr.encode_jpeg(render_view(image, view, size))
+      jpeg = encode_jpeg(render_view(image, view, size))
       # The teacher sees the decoded JPEG: exactly the student's input.
       pending.append((jpeg, tr.decode_jpeg(jpeg), source_id, view, index))
       if len(pending) == batch_size:

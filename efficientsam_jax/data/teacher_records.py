@@ -37,12 +37,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MANIFEST_PREFIX = "manifest-"
 
 
-def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
-  buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
-  return buffer.getvalue()
-
-
 def decode_jpeg(data: bytes) -> np.ndarray:
   with Image.open(io.BytesIO(data)) as picture:
     return np.asarray(picture.convert("RGB"))

@@ -105,8 +105,11 @@ class EfficientSam(nn.Module):
   def encode(self, images: jax.Array) -> jax.Array:
     return self.image_encoder(images)
 
-  def decode(self, image_embeddings, points, labels, multimask_output: bool = True):
-    """Embeddings [B, h, w, C], points [B, Q, P, 2] in the model's input grid → [B, Q, K, 4h, 4w], [B, Q, K]."""
+  def decode(self, image_embeddings, points, labels, multimask_output: Optional[bool] = True):
+    """Embeddings [B, h, w, C], points [B, Q, P, 2] in the model's input grid → [B, Q, K, 4h, 4w], [B, Q, K].
+
+    K = 3 (multimask), 1 (single-mask output) or, with ``multimask_output=None``, all 4.
+    """
     b, q, p, _ = points.shape
     sparse = self.prompt_encoder(points.reshape(b * q, p, 2), labels.reshape(b * q, p))
     _, h, w, c = image_embeddings.shape

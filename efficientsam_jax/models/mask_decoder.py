@@ -8,7 +8,7 @@ GroupNorm(1); every MLP uses GELU.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -104,8 +104,12 @@ class MaskDecoder(nn.Module):
     return self.num_multimask_outputs + 1 if self.num_multimask_outputs > 1 else 1
 
   @nn.compact
-  def __call__(self, image_embeddings, image_pe, sparse_prompt_embeddings, multimask_output: bool):
-    """image_embeddings [N, h, w, C] (one per query), image_pe [h, w, C], prompts [N, P, C]."""
+  def __call__(self, image_embeddings, image_pe, sparse_prompt_embeddings, multimask_output: Optional[bool]):
+    """image_embeddings [N, h, w, C] (one per query), image_pe [h, w, C], prompts [N, P, C].
+
+    ``multimask_output`` True: the 3 multimask outputs; False: the single-mask
+    output; None: all 4 (index 0 the single-mask one), for training.
+    """
     n, h, w, c = image_embeddings.shape
     dim = self.transformer_dim
     iou_token = nn.Embed(1, dim, name="iou_token").embedding
@@ -134,6 +138,8 @@ class MaskDecoder(nn.Module):
     masks = jnp.einsum("nkc,nhwc->nkhw", hyper_in, upscaled)
     iou_pred = MLPBlock(self.iou_head_hidden_dim, self.num_mask_tokens, num_layers=self.iou_head_depth,
                         dtype=self.dtype, name="iou_prediction_head")(iou_token_out)
+    if multimask_output is None:  # training: every output (single-mask first, then the multimask ones)
+      return masks, iou_pred
     if multimask_output and self.num_multimask_outputs > 1:
       return masks[:, 1:], iou_pred[:, 1:]
     return masks[:, :1], iou_pred[:, :1]

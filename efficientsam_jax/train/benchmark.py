@@ -1,6 +1,7 @@
 """Training-side benchmarks: train-step throughput and MFU, teacher precompute, input pipelines.
 
     python -m efficientsam_jax.train.benchmark sami --variants ti,s,b --batch-per-device 256
+    python -m efficientsam_jax.train.benchmark finetune --variants ti,s --batch-per-device 8 --masks 64
     python -m efficientsam_jax.train.benchmark teacher --modes upsample,native --batch-per-device 16
     python -m efficientsam_jax.train.benchmark sami-input --records 2048 --batch 256
 
@@ -11,6 +12,11 @@ cost analysis beside it) and MFU = model FLOPs / time / peak, where peak is
 the accelerator's dense bf16 rate (``PEAK_TFLOPS`` by device kind, or
 ``--peak-tflops``); no MFU on CPU. ``--compile-only`` stops after compiling and
 prints the FLOPs and XLA's memory estimate (check a big config fits).
+
+``finetune``: the real jitted EfficientSAM finetuning step (encoder once,
+``1 + correction_steps`` decoder rounds over ``--masks`` masks per image,
+SAM's losses, AdamW) at 1024² on random images and box-shaped masks:
+ms/step, img/s and masks/s (XLA's FLOP count beside it; no MFU yet).
 
 ``teacher``: the precompute job's jitted teacher (uint8 views in, fp16
 features out, host transfers included) on random ViT-H weights: views/s.
@@ -143,6 +149,23 @@ def profile_top_ops(run, trace_dir: str, calls: int = 3, top: int = 25) -> list[
   return rows
 
 
+def time_train_step(compiled, state, data, rng, args, name: str) -> float:
+  """Seconds per step of a compiled ``(state, batch, rng) -> (state, metrics)`` step (state donated and
+  threaded through), after ``args.warmup`` steps; with ``args.profile`` also the top device ops."""
+  holder = [state]
+
+  def run_step():
+    holder[0], metrics = compiled(holder[0], data, rng)
+    return metrics["loss"]
+
+  for _ in range(args.warmup):
+    jax.block_until_ready(run_step())
+  seconds = time_steps(run_step, args.steps, args.repeats)
+  if args.profile:
+    profile_top_ops(run_step, os.path.join(args.profile, name))
+  return seconds
+
+
 def _describe(device: jax.Device) -> str:
   return f"{jax.device_count()} × {device.device_kind} ({device.platform}), jax {jax.__version__}"
 
@@ -152,7 +175,8 @@ def bench_sami(args) -> list[dict]:
   from efficientsam_jax.models.sami import SamiConfig, SamiModel
   from efficientsam_jax.train import sharding
   from efficientsam_jax.train.optim import make_optimizer
-  from efficientsam_jax.train.sami import jit_train_step, make_train_step
+  from efficientsam_jax.train.loop import jit_train_step
+  from efficientsam_jax.train.sami import make_train_step
   from efficientsam_jax.train.state import create_train_state
 
   mesh = sharding.make_mesh({"data": -1, "fsdp": args.fsdp})
@@ -184,23 +208,62 @@ def bench_sami(args) -> list[dict]:
            "xla_gflop_per_step": xla_flops and round(xla_flops / 1e9, 1),
            "xla_mem_gib": compiled_memory_gib(compiled)}
     if not args.compile_only:
-      holder = [state]
-
-      def run_step(compiled=compiled):
-        holder[0], metrics = compiled(holder[0], data, rng)
-        return metrics["loss"]
-
-      for _ in range(args.warmup):
-        jax.block_until_ready(run_step())
-      seconds = time_steps(run_step, args.steps, args.repeats)
+      seconds = time_train_step(compiled, state, data, rng, args, f"sami_{variant}")
       row.update(ms_per_step=round(1e3 * seconds, 2), img_per_s=round(batch / seconds, 1))
-      if args.profile:
-        profile_top_ops(run_step, os.path.join(args.profile, f"sami_{variant}"))
       if peak:
         row["mfu"] = round(flops / seconds / (peak * 1e12), 4)
     rows.append(row)
     print(json.dumps(row), flush=True)
     del state, step, compiled
+  return rows
+
+
+def bench_finetune(args) -> list[dict]:
+  # pylint: disable=import-outside-toplevel
+  from efficientsam_jax.models.efficient_sam import EfficientSam, EfficientSamConfig, init_params
+  from efficientsam_jax.train import sharding
+  from efficientsam_jax.train.finetune import make_train_step
+  from efficientsam_jax.train.finetune_config import get_finetune_config
+  from efficientsam_jax.train.loop import jit_train_step
+  from efficientsam_jax.train.optim import make_optimizer
+  from efficientsam_jax.train.state import create_train_state
+
+  mesh = sharding.make_mesh({"data": -1, "fsdp": args.fsdp})
+  rows = []
+  for variant in args.variants:
+    job = get_finetune_config(variant)
+    job.loss.correction_steps = args.correction_steps
+    config = EfficientSamConfig.from_variant(variant)
+    model = EfficientSam(config, dtype=jnp.dtype(args.dtype), remat=args.remat)
+    batch = args.batch_per_device * jax.device_count()
+    tx, schedule = make_optimizer({"optimizer": job.optimizer.to_dict(), "global_batch_size": batch,
+                                   "total_steps": 1000, "lr": {**job.lr.to_dict(), "warmup_steps": 0}})
+    params = init_params(model, jax.random.PRNGKey(0))
+    state, shardings = create_train_state(lambda rng: params, tx, jax.random.PRNGKey(0), mesh)  # pylint: disable=cell-var-from-loop
+    step = jit_train_step(make_train_step(model, tx, schedule, job.loss), shardings, sharding.batch_sharding(mesh),
+                          sharding.replicated(mesh))
+    grid, side = config.low_res_size, config.img_size
+    corner = jax.random.randint(jax.random.PRNGKey(1), (batch, args.masks, 2), 0, grid // 2)
+    ys, xs = jnp.arange(grid)[:, None], jnp.arange(grid)[None, :]
+    y0, x0 = corner[..., 0, None, None], corner[..., 1, None, None]
+    masks = ((ys >= y0) & (ys < y0 + grid // 4) & (xs >= x0) & (xs < x0 + grid // 3)).astype(jnp.uint8)
+    boxes = jnp.stack([x0[..., 0, 0], y0[..., 0, 0], x0[..., 0, 0] + grid // 3, y0[..., 0, 0] + grid // 4],
+                      -1).astype(jnp.float32) * (side / grid)
+    data = {"image": jax.random.randint(jax.random.PRNGKey(2), (batch, side, side, 3), 0, 256).astype(jnp.uint8),
+            "masks": masks, "valid": jnp.ones((batch, args.masks), bool), "boxes": boxes}
+    data = jax.device_put(data, sharding.batch_sharding(mesh))
+    rng = jax.random.PRNGKey(3)
+    start = time.perf_counter()
+    compiled = step.lower(state, data, rng).compile()
+    row = {"variant": variant, "dtype": args.dtype, "batch": batch, "masks_per_image": args.masks,
+           "rounds": 1 + args.correction_steps, "compile_s": round(time.perf_counter() - start, 1),
+           "xla_gflop_per_step": compiled_flops(compiled) and round(compiled_flops(compiled) / 1e9, 1),
+           "xla_mem_gib": compiled_memory_gib(compiled)}
+    seconds = time_train_step(compiled, state, data, rng, args, f"finetune_{variant}")
+    row.update(ms_per_step=round(1e3 * seconds, 1), img_per_s=round(batch / seconds, 2),
+               masks_per_s=round(batch * args.masks / seconds, 1))
+    rows.append(row)
+    print(json.dumps(row), flush=True)
   return rows
 
 
@@ -281,6 +344,14 @@ def _parse_args(argv):
   sami.add_argument("--fsdp", type=int, default=1)
   sami.add_argument("--peak-tflops", type=float, default=0.0, help="override the per-chip bf16 peak")
   sami.add_argument("--compile-only", action="store_true")
+  finetune = sub.add_parser("finetune", parents=[common])
+  finetune.add_argument("--variants", type=lambda s: s.split(","), default=["ti", "s"])
+  finetune.add_argument("--batch-per-device", type=int, default=8)
+  finetune.add_argument("--masks", type=int, default=64, help="masks per image")
+  finetune.add_argument("--correction-steps", type=int, default=2)
+  finetune.add_argument("--dtype", default="bfloat16")
+  finetune.add_argument("--remat", action="store_true")
+  finetune.add_argument("--fsdp", type=int, default=1)
   teacher = sub.add_parser("teacher", parents=[common])
   teacher.add_argument("--modes", type=lambda s: s.split(","), default=["upsample", "native"])
   teacher.add_argument("--batch-per-device", type=int, default=16)
@@ -298,7 +369,8 @@ def _parse_args(argv):
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parse_args(argv)
   print(f"devices: {_describe(jax.devices()[0])}", flush=True)
-  rows = {"sami": bench_sami, "teacher": bench_teacher, "sami-input": bench_sami_input}[args.what](args)
+  rows = {"sami": bench_sami, "finetune": bench_finetune, "teacher": bench_teacher,
+          "sami-input": bench_sami_input}[args.what](args)
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"devices": _describe(jax.devices()[0]), "what": args.what, "rows": rows}, f, indent=1)

@@ -1,4 +1,4 @@
-"""SAMI pretraining: the jitted training step (and, next, the training loop)."""
+"""SAMI pretraining: the jitted training step and the job (teacher records → student → export)."""
 
 from __future__ import annotations
 
@@ -40,12 +40,6 @@ def make_train_step(model: SamiModel, tx: optax.GradientTransformation, schedule
   return step
 
 
-def jit_train_step(step_fn, state_shardings, batch_sharding, replicated):
-  """The step jitted over the mesh: state in/out in its shardings (donated), batch split over devices."""
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, replicated),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-
-
 def export_student(params, sami_config, output_dir: str, seed: int = 0) -> str:
   """Writes an EfficientSAM weights directory whose image encoder is the SAMI student.
 
@@ -82,9 +76,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   from efficientsam_jax.data.sami_input import sami_dataset
   from efficientsam_jax.models.sami import SamiConfig
   from efficientsam_jax.train import sharding
-  from efficientsam_jax.train.checkpoint import Checkpointer, PreemptionFlag
-  from efficientsam_jax.train.metrics import MetricWriter
-  from efficientsam_jax.train.optim import make_optimizer
+  from efficientsam_jax.train.loop import jit_train_step, optimizer_for, train_loop
   from efficientsam_jax.train.state import create_train_state
 
   records_dir = config.data.records_dir or os.path.join(workdir, "teacher_records")
@@ -101,17 +93,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   num_records = sum(entry["count"] for entry in shards.values())
 
   global_batch = config.global_batch_size
-  if global_batch % jax.process_count():
-    raise ValueError(f"global_batch_size {global_batch} is not divisible by {jax.process_count()} processes")
-  steps_per_epoch = max(1, num_records // global_batch) if num_records else 0
-  total_steps = config.total_steps or config.num_epochs * steps_per_epoch
-  if total_steps <= 0:
-    raise ValueError("set total_steps, or num_epochs with records listed in the shards' manifest")
-  warmup = config.lr.warmup_steps if config.lr.warmup_steps >= 0 else config.lr.warmup_epochs * steps_per_epoch
-  tx, schedule = make_optimizer({
-      "optimizer": config.optimizer.to_dict(), "global_batch_size": global_batch, "total_steps": total_steps,
-      "lr": {**config.lr.to_dict(), "warmup_steps": min(warmup, total_steps)}})
-
+  tx, schedule, total_steps = optimizer_for(config, num_records)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   model = SamiModel(SamiConfig(**config.model.to_dict()), dtype=jnp.dtype(config.dtype), remat=config.remat)
   side = config.model.img_size
@@ -122,41 +104,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   iterator = iter(sami_dataset(paths, local_batch_size=global_batch // jax.process_count(), seed=config.seed,
                                process_index=jax.process_index(), process_count=jax.process_count(),
                                shuffle_window=config.data.shuffle_window, cycle_length=config.data.cycle_length))
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                              save_interval_steps=config.checkpoint.every_steps)
-  restored = checkpointer.restore(state, shardings)
-  if restored is not None:
-    state, data_state = restored
-    iterator.set_state(data_state["iterator"])
-    print(f"resumed from step {int(state.step)} ({checkpointer.directory})")
-  writer = MetricWriter(workdir, total_steps, global_batch)
-  step = int(state.step)
-  writer.start(step)
-  print(f"SAMI: {num_records or '?'} records, {total_steps} steps of {global_batch}, mesh {dict(mesh.shape)}")
-  preempted = PreemptionFlag()
-  rng = jax.random.PRNGKey(config.seed + 1)
-  first_loss = last_loss = None
-  try:
-    while step < total_steps:
-      batch = sharding.global_batch(next(iterator), mesh)
-      state, metrics = step_fn(state, batch, rng)
-      step += 1
-      if step % config.log_every_steps == 0 or step == total_steps:
-        values = writer.write(step, metrics)
-        first_loss = values["loss"] if first_loss is None else first_loss
-        last_loss = values["loss"]
-      stop = preempted.is_set()
-      checkpointer.save(step, state, {"iterator": iterator.get_state()}, force=stop or step == total_steps)
-      if stop:
-        print(f"SIGTERM: saved step {step} and stopping; run again to resume")
-        break
-  finally:
-    preempted.restore_handlers()
-    checkpointer.close()
-    writer.close()
+  result = train_loop(state=state, shardings=shardings, step_fn=step_fn, iterator=iterator, mesh=mesh,
+                      workdir=workdir, total_steps=total_steps, examples_per_step=global_batch,
+                      log_every_steps=config.log_every_steps, checkpoint_every_steps=config.checkpoint.every_steps,
+                      keep_checkpoints=config.checkpoint.keep, rng=jax.random.PRNGKey(config.seed + 1),
+                      description=f"SAMI: {num_records or '?'} records, ")
   exported = None
-  if step == total_steps and jax.process_index() == 0:
-    exported = export_student(state.params, model.config, os.path.join(workdir, "efficientsam_student"))
+  if result.finished and jax.process_index() == 0:
+    exported = export_student(result.state.params, model.config, os.path.join(workdir, "efficientsam_student"))
     print(f"exported the student encoder as an EfficientSAM weights directory: {exported}")
-  return {"step": step, "total_steps": total_steps, "first_logged_loss": first_loss,
-          "last_logged_loss": last_loss, "state": state, "exported": exported}
+  return {"step": result.step, "total_steps": total_steps, "first_logged_loss": result.first_logged_loss,
+          "last_logged_loss": result.last_logged_loss, "state": result.state, "exported": exported}

@@ -1,0 +1,79 @@
+"""What both evaluation jobs share: data paths, the processes' shares, the per-image loop, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+from efficientsam_jax.common.files import atomic_file
+from efficientsam_jax.evaluation.coco import CocoData, check_image_files, load_coco
+from efficientsam_jax.evaluation.progress import Progress
+from efficientsam_jax.evaluation.store import ResultStore
+
+
+def resolve_data(config, workdir: str) -> dict:
+  """Paths of the annotations, images (and detections); ``data.synthetic`` writes the generated set first."""
+  data = config.data
+  if data.get("synthetic"):
+    from efficientsam_jax.evaluation.synthetic import write_synthetic_dataset  # pylint: disable=import-outside-toplevel
+    return write_synthetic_dataset(os.path.join(workdir, "synthetic_data"))
+  return {"annotations": data.annotations, "images": data.images}
+
+
+def processes(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
+  """(this process, number of processes): JAX's unless given (tests simulate several processes)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  index = jax.process_index() if process_index is None else int(process_index)
+  count = jax.process_count() if process_count is None else int(process_count)
+  if not 0 <= index < count:
+    raise ValueError(f"process_index {index} is not in [0, {count})")
+  return index, count
+
+
+def barrier(name: str) -> None:
+  """Waits for every JAX process (no-op in a single-process run)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
+def select_images(data: CocoData, max_images: int) -> list[int]:
+  """All image ids in sorted order, or the first ``max_images`` of them (0 = all)."""
+  ids = data.image_ids
+  return ids[:max_images] if max_images and max_images > 0 else ids
+
+
+def run_images(store: ResultStore, image_ids: list[int], process_image: Callable[[int], Any], description: str,
+               folder: str, data: CocoData, log: Callable[[str], None] = print) -> dict:
+  """Runs ``process_image`` on each image of this process's share not yet in ``store``; returns timing info."""
+  check_image_files(folder, data, image_ids)
+  finished = store.done(image_ids)
+  todo = [i for i in image_ids if i not in finished]
+  log(f"{description}: {len(image_ids)} images in this process's share, {len(finished)} already done "
+      f"(resumed), {len(todo)} to go")
+  progress = Progress(len(image_ids), description, initial=len(finished))
+  start = time.perf_counter()
+  for image_id in todo:
+    store.write(image_id, process_image(image_id))
+    progress.update()
+  progress.close()
+  seconds = time.perf_counter() - start
+  return {"images_run": len(todo), "images_resumed": len(finished), "seconds": seconds,
+          "seconds_per_image": seconds / len(todo) if todo else None}
+
+
+def write_json(path: str, payload: Any) -> None:
+  with atomic_file(path) as tmp, open(tmp, "w") as f:
+    json.dump(payload, f, indent=1)
+
+
+def add_counts(total: dict[str, int], more: dict[str, int]) -> None:
+  for key, value in more.items():
+    total[key] = total.get(key, 0) + int(value)
+
+
+def load_data(paths: dict, kind: str) -> CocoData:
+  return load_coco(paths["annotations"], kind)
