@@ -5,6 +5,17 @@
 (convert the teacher first: ``python -m efficientsam_jax.convert sam-to-jax``).
 ``:smoke`` runs on scikit-image's bundled photographs with a small RANDOM teacher.
 
+Sources (``source.kind``): "folder" (every image under ``source.folder``, ids
+= relative paths without extension), "tfds" (a tensorflow-datasets split read
+without TensorFlow, ``source.tfds.{name,split,data_dir,image_feature}``, default
+ImageNet-1K ``imagenet2012`` / ``train``; ids = ``file_name`` stems, else
+``<split>/<index>``), "skimage_samples". The tfds dataset must be prepared in the
+ArrayRecord format, once, on a machine with TensorFlow: put the ILSVRC2012 train
+and val tars into ``<data_dir>/downloads/manual/``, then
+``tfds build imagenet2012 --data_dir=<data_dir> --file_format=array_record``
+(see ``efficientsam_jax/data/tfds_source.py``). Then
+``--config.source.kind=tfds --config.source.tfds.data_dir=<data_dir>``.
+
 Teacher alignment (``teacher.mode``), default "upsample": each 224 view is
 upsampled to the teacher's native 1024, so SAM ViT-H runs in the regime it was
 trained in (14×14 windows over a 64×64 grid, its own position tables), and its

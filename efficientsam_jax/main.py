@@ -72,10 +72,8 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DISTRIBUTED.value:
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.distributed.initialize()
-    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    from efficientsam_jax.common.multihost import initialize_distributed  # pylint: disable=import-outside-toplevel
+    initialize_distributed()
   logging.info("config:\n%s", _CONFIG.value)
   run(_CONFIG.value, _WORKDIR.value)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from efficientsam_jax.common.images import encode_jpeg, load_rgb
+from efficientsam_jax.common.multihost import barrier
 from efficientsam_jax.data import teacher_records as tr
 from efficientsam_jax.data.views import render_view, sample_view, view_rng
 from efficientsam_jax.models.efficient_sam import normalize_uint8
@@ -58,10 +59,14 @@ def make_teacher_fn(model, params, mode: str, batch_size: int, dtype=jnp.float32
   return apply
 
 
-def shard_records(sources: Sequence[tuple[str, str]], teacher_fn: Callable, *, views_per_image: int,
+# A source image: (source id, path of an image file or the decoded uint8 RGB image).
+SourceImage = tuple[str, Union[str, np.ndarray]]
+
+
+def shard_records(sources: Iterable[SourceImage], teacher_fn: Callable, *, views_per_image: int,
                   size: int, seed: int, batch_size: int, on_batch: Callable[[int], None] = lambda n: None
                   ) -> Iterator[bytes]:
-  """Serialized records of every view of ``sources``, in (source, view) order."""
+  """Serialized records of every view of ``sources``, in (source, view) order; files are read when reached."""
   pending = []  # (jpeg, decoded, source_id, view, view_index)
 
   def flush():
@@ -71,8 +76,9 @@ def shard_records(sources: Sequence[tuple[str, str]], teacher_fn: Callable, *, v
     on_batch(len(pending))
     pending.clear()
 
-  for source_id, path in sources:
-    image = load_rgb(path)
+  for source_id, image in sources:
+    if isinstance(image, str):
+      image = load_rgb(image)
     for index in range(views_per_image):
       view = sample_view(view_rng(seed, source_id, index), image.shape[:2])
       jpeg = encode_jpeg(render_view(image, view, size))
@@ -84,10 +90,13 @@ def shard_records(sources: Sequence[tuple[str, str]], teacher_fn: Callable, *, v
     yield from flush()
 
 
-def precompute(sources: Sequence[tuple[str, str]], output_dir: str, teacher_fn: Callable, *,
+def precompute(sources: Sequence[SourceImage], output_dir: str, teacher_fn: Callable, *,
                num_shards: int, views_per_image: int, size: int, seed: int, batch_size: int,
                job_hash: str, process_index: int = 0, process_count: int = 1, log=print) -> dict:
-  """Writes this process's missing shards; returns {"written": [...], "skipped": [...], "views": n}."""
+  """Writes this process's missing shards; returns {"written": [...], "skipped": [...], "views": n}.
+
+  ``sources`` may be lazy (``tfds_source.TfdsImageSource``): only this process's shards are indexed.
+  """
   if num_shards < 1 or num_shards > len(sources):
     raise ValueError(f"num_shards must be in 1..{len(sources)} (the number of images), got {num_shards}")
   os.makedirs(output_dir, exist_ok=True)
@@ -112,7 +121,7 @@ def precompute(sources: Sequence[tuple[str, str]], output_dir: str, teacher_fn: 
   written = []
   for k in todo:
     name = tr.shard_name(k, num_shards)
-    records = shard_records([sources[i] for i in chunks[k]], teacher_fn, views_per_image=views_per_image,
+    records = shard_records((sources[i] for i in chunks[k]), teacher_fn, views_per_image=views_per_image,
                             size=size, seed=seed, batch_size=batch_size, on_batch=progress)
     count, digest = tr.write_shard(os.path.join(output_dir, name), records)
     manifest.record(name, count, digest, job_hash)
@@ -159,19 +168,28 @@ def build_teacher(teacher_config):
 
 def run_precompute(config, workdir: str) -> dict:
   """The ``teacher_precompute`` task (``configs/teacher_precompute.py``)."""
-  if config.source.kind == "skimage_samples":
-    folder = bundled_images(os.path.join(workdir, "source_images"))
-  elif config.source.kind == "folder":
-    folder = config.source.folder
+  if config.source.kind == "tfds":
+    from efficientsam_jax.data.tfds_source import TfdsImageSource  # pylint: disable=import-outside-toplevel
+    sources = TfdsImageSource(**config.source.tfds)
+    source_key = sources.fingerprint()  # listing 1.28M ids would read the whole dataset
   else:
-    raise ValueError(f"unknown source kind {config.source.kind!r}; use 'folder' or 'skimage_samples'")
-  sources = tr.list_image_folder(folder)
+    if config.source.kind == "skimage_samples":
+      folder = os.path.join(workdir, "source_images")
+      if jax.process_index() == 0:
+        bundled_images(folder)
+      barrier("bundled_images")  # the other processes read what process 0 wrote
+    elif config.source.kind == "folder":
+      folder = config.source.folder
+    else:
+      raise ValueError(f"unknown source kind {config.source.kind!r}; use 'folder', 'tfds' or 'skimage_samples'")
+    sources = tr.list_image_folder(folder)
+    source_key = sorted(s for s, _ in sources)
   model, params, description = build_teacher(config.teacher)
   print(f"teacher: {description}; alignment: {config.teacher.mode}")
   dtype = jnp.dtype(config.teacher.dtype)
   teacher_fn = make_teacher_fn(model, params, config.teacher.mode, config.batch_size, dtype)
   hashed = {k: config[k] for k in ("views_per_image", "size", "seed", "num_shards")}
-  hashed.update(source=sorted(s for s, _ in sources), teacher=description, mode=config.teacher.mode,
+  hashed.update(source=source_key, teacher=description, mode=config.teacher.mode,
                 dtype=str(dtype), teacher_config=model.config.to_dict())
   output_dir = config.output_dir or os.path.join(workdir, "teacher_records")
   summary = precompute(sources, output_dir, teacher_fn, num_shards=min(config.num_shards, len(sources)),
@@ -187,7 +205,13 @@ def get_precompute_config(arg=None) -> ml_collections.ConfigDict:
   """The ``teacher_precompute`` job's config (see ``configs/teacher_precompute.py``)."""
   config = ml_collections.ConfigDict()
   config.task = "teacher_precompute"
-  config.source = ml_collections.ConfigDict({"kind": "folder", "folder": ""})
+  config.source = ml_collections.ConfigDict({
+      "kind": "folder",  # "folder", "tfds" or "skimage_samples"
+      "folder": "",  # kind "folder": every image under it
+      # kind "tfds": a dataset prepared in the ArrayRecord format (see data/tfds_source.py); data_dir "":
+      # $TFDS_DATA_DIR or ~/tensorflow_datasets.
+      "tfds": {"name": "imagenet2012", "split": "train", "data_dir": "", "image_feature": "image"},
+  })
   config.output_dir = ""  # default: WORKDIR/teacher_records
   config.views_per_image = 8  # augmented views stored per image (TinyViT-style replay)
   config.size = 224  # student resolution

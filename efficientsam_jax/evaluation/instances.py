@@ -24,6 +24,7 @@ import numpy as np
 
 from efficientsam_jax.common.files import atomic_file
 from efficientsam_jax.common.images import load_rgb
+from efficientsam_jax.common.multihost import barrier
 from efficientsam_jax.evaluation import runner
 from efficientsam_jax.evaluation.coco import CocoData, gt_box_xyxy, image_path, read_json, segmentation_is_usable
 from efficientsam_jax.evaluation.segmenter import Segmenter
@@ -242,7 +243,7 @@ def run_eval_instances(config, workdir: str, *, segmenter: Optional[Segmenter] =
 
   timing = runner.run_images(store, image_ids[index::count], process_image, f"eval_instances [{index}/{count}]",
                              paths["images"], data)
-  runner.barrier("eval_instances_done")
+  barrier("eval_instances_done")
   if index != 0:
     return None
   results, issues = [], dict(load_issues)

@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 
 from efficientsam_jax.common.images import load_rgb
+from efficientsam_jax.common.multihost import barrier
 from efficientsam_jax.evaluation import runner
 from efficientsam_jax.evaluation.coco import (SIZE_BUCKETS, GtObject, image_objects, image_path, mask_iou,
                                               next_click, object_rng, random_point_in_mask, summarize_miou)
@@ -126,7 +127,7 @@ def run_eval_points(config, workdir: str, *, segmenter: Optional[Segmenter] = No
 
   timing = runner.run_images(store, image_ids[index::count], process_image, f"eval_points [{index}/{count}]",
                              paths["images"], data)
-  runner.barrier("eval_points_done")
+  barrier("eval_points_done")
   if index != 0:
     return None
   results = store.read_all(image_ids)

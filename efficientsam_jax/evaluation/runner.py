@@ -32,14 +32,6 @@ def processes(process_index: Optional[int], process_count: Optional[int]) -> tup
   return index, count
 
 
-def barrier(name: str) -> None:
-  """Waits for every JAX process (no-op in a single-process run)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices(name)
-
-
 def select_images(data: CocoData, max_images: int) -> list[int]:
   """All image ids in sorted order, or the first ``max_images`` of them (0 = all)."""
   ids = data.image_ids

@@ -27,6 +27,7 @@ from typing import Any, Callable, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from efficientsam_jax.common.files import atomic_directory
@@ -101,13 +102,20 @@ def config_from_json(path: str, model: str) -> Config:
 
 
 def save_pretrained(directory: str, params, config: Config, overwrite: bool = False) -> str:
-  """Writes ``config`` (with its model kind) and ``params`` to ``directory`` atomically."""
+  """Writes ``config`` (with its model kind) and host ``params`` to ``directory`` atomically.
+
+  Only the calling process takes part: in a multi-host job, gather the
+  parameters on every process (``common.multihost.host_copy``), then save from one.
+  """
   kind = kind_of(config)
   with atomic_directory(directory, overwrite=overwrite) as tmp:
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump({MODEL_FIELD: kind.name, **config.to_dict()}, f, indent=1)
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
-    with ocp.StandardCheckpointer() as checkpointer:
+    params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)  # host arrays
+    # Written by the calling process alone (in a multi-host job, process 0 exports host copies).
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as checkpointer:
       checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
       checkpointer.wait_until_finished()
   return directory

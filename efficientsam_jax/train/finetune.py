@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from efficientsam_jax.common.multihost import barrier, host_copy
 from efficientsam_jax.models.efficient_sam import EfficientSam, normalize_uint8
 from efficientsam_jax.train import prompts
 from efficientsam_jax.train.state import TrainState
@@ -205,10 +206,12 @@ def _synthetic_data(config, workdir: str) -> tuple[list[str], list[str]]:
   s = config.data.synthetic
   root = os.path.join(workdir, "sa1b_synthetic")
   train, held_out = os.path.join(root, "train"), os.path.join(root, "held_out")
-  if not os.path.isdir(train):
-    write_sa1b(train, s.num_images, seed=s.seed, size=s.size, tar=True, images_per_tar=s.images_per_tar)
-  if not os.path.isdir(held_out):
-    write_sa1b(held_out, s.held_out_images, seed=s.seed + 1, size=s.size)
+  if jax.process_index() == 0:  # the others read what process 0 wrote
+    if not os.path.isdir(train):
+      write_sa1b(train, s.num_images, seed=s.seed, size=s.size, tar=True, images_per_tar=s.images_per_tar)
+    if not os.path.isdir(held_out):
+      write_sa1b(held_out, s.held_out_images, seed=s.seed + 1, size=s.size)
+  barrier("synthetic_sa1b")
   return [train], [held_out]
 
 
@@ -272,9 +275,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     summary["miou_after"] = point_miou(evaluate, result.state.params, eval_batches)
     print(f"held-out single-point mIoU: {miou_before:.4f} at the start → {summary['miou_after']:.4f} after "
           f"{result.step} steps")
+  trained = host_copy(result.state.params) if result.finished else None  # every process takes part
   if result.finished and jax.process_index() == 0:
-    summary["exported"] = save_pretrained(os.path.join(workdir, "efficientsam"),
-                                          jax.device_get(result.state.params), model_config, overwrite=True)
+    summary["exported"] = save_pretrained(os.path.join(workdir, "efficientsam"), trained, model_config,
+                                          overwrite=True)
     print(f"exported the finetuned model as an EfficientSAM weights directory: {summary['exported']}")
   return summary
 

@@ -41,7 +41,7 @@ def make_train_step(model: SamiModel, tx: optax.GradientTransformation, schedule
 
 
 def export_student(params, sami_config, output_dir: str, seed: int = 0) -> str:
-  """Writes an EfficientSAM weights directory whose image encoder is the SAMI student.
+  """Writes an EfficientSAM weights directory whose image encoder is the SAMI student (``params``: host copies).
 
   The ViT (patch embedding, position table, blocks) comes from the student; the
   neck, prompt encoder and mask decoder are freshly initialized for finetuning.
@@ -59,7 +59,7 @@ def export_student(params, sami_config, output_dir: str, seed: int = 0) -> str:
                               encoder_num_heads=sami_config.encoder_num_heads)
   full = jax.device_get(init_params(EfficientSam(config), jax.random.PRNGKey(seed)))
   encoder = dict(full["image_encoder"])
-  encoder.update(jax.device_get(student_encoder_params(params)))
+  encoder.update(student_encoder_params(params))
   full = {**full, "image_encoder": encoder}
   return save_pretrained(output_dir, full, config, overwrite=True)
 
@@ -71,6 +71,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   iterator together); SIGTERM saves a checkpoint and stops.
   """
   # pylint: disable=import-outside-toplevel
+  from efficientsam_jax.common.multihost import barrier, host_copy
   from efficientsam_jax.data import teacher_records
   from efficientsam_jax.data.precompute import run_precompute
   from efficientsam_jax.data.sami_input import sami_dataset
@@ -82,6 +83,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   records_dir = config.data.records_dir or os.path.join(workdir, "teacher_records")
   if config.precompute.enabled:
     run_precompute(config.precompute.copy_and_resolve_references(), workdir)  # skips finished shards
+    barrier("teacher_precompute")  # every process's shards are in the manifests before anyone reads them
   # The manifest lists the finished shards: a stray or half-written file is never read.
   shards = teacher_records.Manifest(records_dir).entries()
   if not shards:
@@ -110,8 +112,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       keep_checkpoints=config.checkpoint.keep, rng=jax.random.PRNGKey(config.seed + 1),
                       description=f"SAMI: {num_records or '?'} records, ")
   exported = None
+  student = host_copy(result.state.params) if result.finished else None  # every process takes part
   if result.finished and jax.process_index() == 0:
-    exported = export_student(result.state.params, model.config, os.path.join(workdir, "efficientsam_student"))
+    exported = export_student(student, model.config, os.path.join(workdir, "efficientsam_student"))
     print(f"exported the student encoder as an EfficientSAM weights directory: {exported}")
   return {"step": result.step, "total_steps": total_steps, "first_logged_loss": result.first_logged_loss,
           "last_logged_loss": result.last_logged_loss, "state": result.state, "exported": exported}
