@@ -201,3 +201,23 @@ def test_point_eval_counts_valid_masks_and_is_reproducible():
   iou_sum, count = evaluate(params, batch)
   assert float(count) == 8 * 3 and 0.0 <= float(iou_sum) / float(count) <= 1.0  # padding masks excluded
   assert float(evaluate(params, batch)[0]) == float(iou_sum)  # seeded clicks: the same number every time
+
+
+def test_drop_path_only_with_its_rng():
+  from efficientsam_jax.models.efficient_sam import normalize_uint8
+  from efficientsam_jax.models.vit import DROP_PATH_RNG
+  params = init_params(EfficientSam(TINY), jax.random.PRNGKey(0))
+  images = normalize_uint8(jnp.asarray(_batch(0)["image"]))
+  encode = lambda model, **kw: model.apply({"params": params}, images, method=EfficientSam.encode, **kw)
+  plain = encode(EfficientSam(TINY))
+  dropping = EfficientSam(TINY, drop_path_rate=0.5)
+  np.testing.assert_array_equal(encode(dropping), plain)  # inference: no RNG, no drop-path
+  a = encode(dropping, rngs={DROP_PATH_RNG: jax.random.PRNGKey(1)})
+  b = encode(dropping, rngs={DROP_PATH_RNG: jax.random.PRNGKey(2)})
+  assert np.abs(np.asarray(a) - np.asarray(plain)).max() > 1e-3 and np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
+  # The training step takes the drop-path model as it is.
+  tx = optax.sgd(1e-3)
+  from efficientsam_jax.train.state import TrainState
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  _, metrics = jax.jit(make_train_step(dropping, tx, lambda s: 1e-3, LOSS))(state, _batch(0), jax.random.PRNGKey(0))
+  assert np.isfinite(float(metrics["loss"]))

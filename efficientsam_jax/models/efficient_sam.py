@@ -86,13 +86,14 @@ class EfficientSam(nn.Module):
   config: EfficientSamConfig
   dtype: Any = jnp.float32
   remat: bool = False
+  drop_path_rate: float = 0.0  # encoder stochastic depth; active only with a "drop_path" RNG (training)
 
   def setup(self):
     c = self.config
     self.image_encoder = ImageEncoderViT(
         img_size=c.img_size, embed_dim=c.encoder_embed_dim, depth=c.encoder_depth,
         num_heads=c.encoder_num_heads, neck_dim=c.decoder_dim, patch_size=c.patch_size,
-        dtype=self.dtype, remat=self.remat)
+        dtype=self.dtype, remat=self.remat, drop_path_rate=self.drop_path_rate)
     self.prompt_encoder = PromptEncoder(embed_dim=c.decoder_dim, input_image_size=c.img_size)
     self.mask_decoder = MaskDecoder(
         transformer_dim=c.decoder_dim, num_heads=c.decoder_num_heads, mlp_dim=c.decoder_mlp_dim,

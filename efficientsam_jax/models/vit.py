@@ -67,20 +67,36 @@ class Mlp(nn.Module):
     return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
 
 
+DROP_PATH_RNG = "drop_path"
+
+
+def drop_path(module: nn.Module, branch: jax.Array, rate: float) -> jax.Array:
+  """Stochastic depth: zeroes a residual branch per example with probability ``rate`` (scaled by 1/(1-rate)).
+
+  Active only while training: when ``rate`` > 0 and the caller passes a
+  ``"drop_path"`` RNG to ``apply``; inference and the parity paths pass none.
+  """
+  if rate <= 0.0 or not module.has_rng(DROP_PATH_RNG):
+    return branch
+  keep = jax.random.bernoulli(module.make_rng(DROP_PATH_RNG), 1.0 - rate, (branch.shape[0],) + (1,) * (branch.ndim - 1))
+  return branch * keep.astype(branch.dtype) / (1.0 - rate)
+
+
 class Block(nn.Module):
-  """Pre-norm transformer block: x + attn(norm1(x)), x + mlp(norm2(x))."""
+  """Pre-norm transformer block: x + attn(norm1(x)), x + mlp(norm2(x)) (each branch with drop-path)."""
 
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
+  drop_path_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
-    x = x + Attention(self.num_heads, dtype=self.dtype, name="attn")(
-        layer_norm(1e-6, "norm1", self.dtype)(x))
-    x = x + Mlp(int(width * self.mlp_ratio), dtype=self.dtype, name="mlp")(
-        layer_norm(1e-6, "norm2", self.dtype)(x))
+    x = x + drop_path(self, Attention(self.num_heads, dtype=self.dtype, name="attn")(
+        layer_norm(1e-6, "norm1", self.dtype)(x)), self.drop_path_rate)
+    x = x + drop_path(self, Mlp(int(width * self.mlp_ratio), dtype=self.dtype, name="mlp")(
+        layer_norm(1e-6, "norm2", self.dtype)(x)), self.drop_path_rate)
     return x
 
 
@@ -123,6 +139,7 @@ class ImageEncoderViT(nn.Module):
   pretrain_img_size: int = 224
   dtype: Dtype = jnp.float32
   remat: bool = False
+  drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this rate over the blocks
 
   def setup(self):
     pretrain_grid = self.pretrain_img_size // self.patch_size
@@ -130,7 +147,9 @@ class ImageEncoderViT(nn.Module):
                                 (1, 1 + pretrain_grid * pretrain_grid, self.embed_dim))
     self.patch_embed = PatchEmbed(self.embed_dim, self.patch_size, dtype=self.dtype)
     block_cls = nn.remat(Block) if self.remat else Block
-    self.blocks = [block_cls(self.num_heads, self.mlp_ratio, dtype=self.dtype) for _ in range(self.depth)]
+    rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
+    self.blocks = [block_cls(self.num_heads, self.mlp_ratio, dtype=self.dtype, drop_path_rate=rate)
+                   for rate in rates]
     self.neck_0 = nn.Conv(self.neck_dim, (1, 1), use_bias=False, dtype=self.dtype)
     self.neck_1 = layer_norm(1e-6, None, self.dtype)
     self.neck_2 = nn.Conv(self.neck_dim, (3, 3), padding=1, use_bias=False, dtype=self.dtype)

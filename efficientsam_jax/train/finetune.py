@@ -33,6 +33,7 @@ import optax
 
 from efficientsam_jax.common.multihost import barrier, host_copy
 from efficientsam_jax.models.efficient_sam import EfficientSam, normalize_uint8
+from efficientsam_jax.models.vit import DROP_PATH_RNG
 from efficientsam_jax.train import prompts
 from efficientsam_jax.train.state import TrainState
 
@@ -109,7 +110,7 @@ def make_train_step(model: EfficientSam, tx: optax.GradientTransformation, sched
                  supervise_all_iou=bool(loss_config.get("supervise_all_iou", False)))
 
   def step(state: TrainState, batch, rng):
-    step_rng = jax.random.fold_in(rng, state.step)
+    step_rng, drop_rng = jax.random.split(jax.random.fold_in(rng, state.step))
     masks = batch["masks"].astype(bool)
     valid = batch["valid"].astype(jnp.float32)
     num_valid = jnp.maximum(valid.sum(), 1.0)
@@ -117,7 +118,7 @@ def make_train_step(model: EfficientSam, tx: optax.GradientTransformation, sched
 
     def loss_fn(params):
       embeddings = model.apply({"params": params}, normalize_uint8(batch["image"]).astype(model.dtype),
-                               method=EfficientSam.encode)
+                               method=EfficientSam.encode, rngs={DROP_PATH_RNG: drop_rng})
       points, labels, is_point, next_slot = prompts.first_prompts(
           jax.random.fold_in(step_rng, 0), masks, batch["boxes"], img_size=c.img_size,
           num_points=c.max_num_points, point_prob=loss_config.point_prob, max_noise_px=loss_config.max_box_noise_px)
@@ -236,7 +237,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if not sources:
     raise ValueError("set data.sources to SA-1B tar files or folders (or use the :smoke config)")
   model_config = EfficientSamConfig(**config.model.to_dict())
-  model = EfficientSam(model_config, dtype=jnp.dtype(config.dtype), remat=config.remat)
+  model = EfficientSam(model_config, dtype=jnp.dtype(config.dtype), remat=config.remat,
+                       drop_path_rate=config.drop_path_rate)
   data_options = dict(image_size=model_config.img_size, mask_size=config.data.mask_size or
                       model_config.low_res_size, max_masks=config.data.max_masks,
                       max_area_fraction=config.data.max_area_fraction)

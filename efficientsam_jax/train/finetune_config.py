@@ -34,6 +34,7 @@ def get_finetune_config(variant: str, arg=None) -> ml_collections.ConfigDict:
   })
   config.dtype = "bfloat16"
   config.remat = False
+  config.drop_path_rate = 0.0  # encoder stochastic depth (linear over the blocks); the paper uses none
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   config.global_batch_size = 128
   config.num_epochs = 5
