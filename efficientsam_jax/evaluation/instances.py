@@ -23,11 +23,10 @@ from typing import Iterator, Optional, Union
 import numpy as np
 
 from efficientsam_jax.common.files import atomic_file
-from efficientsam_jax.common.images import load_rgb
 from efficientsam_jax.common.multihost import barrier
 from efficientsam_jax.evaluation import runner
-from efficientsam_jax.evaluation.coco import CocoData, gt_box_xyxy, image_path, read_json, segmentation_is_usable
-from efficientsam_jax.evaluation.segmenter import Segmenter
+from efficientsam_jax.evaluation.coco import CocoData, gt_box_xyxy, read_json, segmentation_is_usable
+from efficientsam_jax.evaluation.segmenter import LazySegmenter, Segmenter
 from efficientsam_jax.inference.everything import encode_rle
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -226,19 +225,15 @@ def run_eval_instances(config, workdir: str, *, segmenter: Optional[Segmenter] =
               "checkpoint": config.model.get("checkpoint", ""), "dtype": config.model.get("dtype", "float32"),
               "max_images": config.data.max_images}
   store = runner.ResultStore(os.path.join(workdir, "instances_results"), settings)
-  state = {"segmenter": segmenter, "untrained": False}
+  lazy = LazySegmenter(config, segmenter)
 
   def process_image(image_id: int) -> dict:
-    entry = data.images[image_id]
-    image = load_rgb(image_path(paths["images"], entry))
-    issues: dict[str, int] = {}
-    if image.shape[:2] != (int(entry["height"]), int(entry["width"])):
+    image = runner.read_image(paths["images"], data.images[image_id])
+    if image is None:
       return {"image_id": image_id, "results": [], "issues": {"image_size_mismatch": 1}}
+    issues: dict[str, int] = {}
     image_prompts = prompts.get(image_id, [])
-    if image_prompts and state["segmenter"] is None:
-      from efficientsam_jax.evaluation.points import _default_segmenter  # pylint: disable=import-outside-toplevel
-      state["segmenter"], state["untrained"] = _default_segmenter(config)
-    results = segment_boxes(state["segmenter"], image, image_id, image_prompts, issues) if image_prompts else []
+    results = segment_boxes(lazy.get(), image, image_id, image_prompts, issues) if image_prompts else []
     return {"image_id": image_id, "results": results, "issues": issues}
 
   timing = runner.run_images(store, image_ids[index::count], process_image, f"eval_instances [{index}/{count}]",
@@ -256,8 +251,7 @@ def run_eval_instances(config, workdir: str, *, segmenter: Optional[Segmenter] =
   print(f"wrote {results_path} ({len(results)} masks)")
   evaluate = evaluate_lvis_segm if data.kind == "lvis" else evaluate_coco_segm
   scores = evaluate(paths["annotations"], results, image_ids, verbose=True, issues=issues)
-  untrained = state["untrained"] or (state["segmenter"] is None and not config.model.get("checkpoint")
-                                     and bool(config.model.get("random_config")))
+  untrained = lazy.untrained
   metrics = {"task": "eval_instances", "dataset": data.kind, "annotations": paths["annotations"],
              "boxes": boxes_source, "num_images": len(image_ids), "num_masks": len(results), "segm": scores,
              "bad_annotations": issues, "results_file": results_path,

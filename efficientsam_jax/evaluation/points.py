@@ -21,12 +21,11 @@ from typing import Optional
 
 import numpy as np
 
-from efficientsam_jax.common.images import load_rgb
 from efficientsam_jax.common.multihost import barrier
 from efficientsam_jax.evaluation import runner
-from efficientsam_jax.evaluation.coco import (SIZE_BUCKETS, GtObject, image_objects, image_path, mask_iou,
+from efficientsam_jax.evaluation.coco import (SIZE_BUCKETS, GtObject, image_objects, mask_iou,
                                               next_click, object_rng, random_point_in_mask, summarize_miou)
-from efficientsam_jax.evaluation.segmenter import Segmenter
+from efficientsam_jax.evaluation.segmenter import LazySegmenter, Segmenter
 
 PROMPTS = ("box", "1click", "3click")
 PROMPT_TITLES = {"box": "box", "1click": "1 click", "3click": "3 clicks"}
@@ -109,20 +108,15 @@ def run_eval_points(config, workdir: str, *, segmenter: Optional[Segmenter] = No
               "seed": config.eval.seed, "checkpoint": config.model.get("checkpoint", ""),
               "dtype": config.model.get("dtype", "float32"), "max_images": config.data.max_images}
   store = runner.ResultStore(os.path.join(workdir, "points_results"), settings)
-  state = {"segmenter": segmenter, "untrained": False}
+  lazy = LazySegmenter(config, segmenter)
 
   def process_image(image_id: int) -> dict:
-    entry = data.images[image_id]
-    image = load_rgb(image_path(paths["images"], entry))
+    image = runner.read_image(paths["images"], data.images[image_id])
+    if image is None:
+      return {"image_id": image_id, "objects": [], "issues": {"image_size_mismatch": 1}}
     issues: dict[str, int] = {}
-    if image.shape[:2] != (int(entry["height"]), int(entry["width"])):
-      issues["image_size_mismatch"] = 1
-      return {"image_id": image_id, "objects": [], "issues": issues}
     objects = image_objects(data, image_id, image.shape[0], image.shape[1], issues)
-    if objects and state["segmenter"] is None:
-      state["segmenter"], state["untrained"] = _default_segmenter(config)
-    results = evaluate_objects(state["segmenter"], image, objects, prompts, config.eval.seed, image_id) \
-        if objects else []
+    results = evaluate_objects(lazy.get(), image, objects, prompts, config.eval.seed, image_id) if objects else []
     return {"image_id": image_id, "objects": results, "issues": issues}
 
   timing = runner.run_images(store, image_ids[index::count], process_image, f"eval_points [{index}/{count}]",
@@ -139,7 +133,7 @@ def run_eval_points(config, workdir: str, *, segmenter: Optional[Segmenter] = No
   metrics = {"task": "eval_points", "dataset": data.kind, "annotations": paths["annotations"],
              "num_images": len(image_ids), "num_objects": len(objects), **summary,
              "bad_annotations": issues, "prompts": list(prompts), "seed": config.eval.seed,
-             "checkpoint": config.model.get("checkpoint", ""), "untrained": _untrained(config, state),
+             "checkpoint": config.model.get("checkpoint", ""), "untrained": lazy.untrained,
              "timing": timing}
   print(format_table(summary, prompts))
   if issues:
@@ -149,16 +143,3 @@ def run_eval_points(config, workdir: str, *, segmenter: Optional[Segmenter] = No
   runner.write_json(os.path.join(workdir, "metrics.json"), metrics)
   print(f"wrote {os.path.join(workdir, 'metrics.json')}")
   return metrics
-
-
-def _default_segmenter(config):
-  from efficientsam_jax.evaluation.segmenter import EfficientSamSegmenter, build_model  # pylint: disable=import-outside-toplevel
-  model, params, untrained = build_model(config.model, seed=config.eval.seed)
-  return EfficientSamSegmenter(model, params, max_queries=config.eval.max_queries,
-                               canvas_multiple=config.eval.canvas_multiple), untrained
-
-
-def _untrained(config, state: dict) -> bool:
-  """Whether the numbers came from random weights (known without building the model)."""
-  return state["untrained"] or (state["segmenter"] is None and not config.model.get("checkpoint")
-                                and bool(config.model.get("random_config")))

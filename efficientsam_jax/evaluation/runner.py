@@ -7,8 +7,11 @@ import os
 import time
 from typing import Any, Callable, Optional
 
+import numpy as np
+
 from efficientsam_jax.common.files import atomic_file
-from efficientsam_jax.evaluation.coco import CocoData, check_image_files, load_coco
+from efficientsam_jax.common.images import load_rgb
+from efficientsam_jax.evaluation.coco import CocoData, check_image_files, image_path, load_coco
 from efficientsam_jax.evaluation.progress import Progress
 from efficientsam_jax.evaluation.store import ResultStore
 
@@ -30,6 +33,12 @@ def processes(process_index: Optional[int], process_count: Optional[int]) -> tup
   if not 0 <= index < count:
     raise ValueError(f"process_index {index} is not in [0, {count})")
   return index, count
+
+
+def read_image(folder: str, entry: dict) -> Optional[np.ndarray]:
+  """The image of an annotation file's ``images`` entry; None if its size is not the one the file states."""
+  image = load_rgb(image_path(folder, entry))
+  return image if image.shape[:2] == (int(entry["height"]), int(entry["width"])) else None
 
 
 def select_images(data: CocoData, max_images: int) -> list[int]:

@@ -151,3 +151,24 @@ def random_params(model: EfficientSam, seed: int = 0) -> dict:
     return jnp.asarray(value, jnp.float32)
 
   return jax.tree_util.tree_map_with_path(draw, abstract_params(model))
+
+
+class LazySegmenter:
+  """The job's segmenter, built from ``config.model`` on first use (a share without objects loads nothing)."""
+
+  def __init__(self, config, segmenter: Optional["Segmenter"] = None):
+    self._config, self._segmenter, self._untrained = config, segmenter, False
+
+  def get(self) -> "Segmenter":
+    if self._segmenter is None:
+      model, params, self._untrained = build_model(self._config.model, seed=self._config.eval.seed)
+      self._segmenter = EfficientSamSegmenter(model, params, max_queries=self._config.eval.max_queries,
+                                              canvas_multiple=self._config.eval.canvas_multiple)
+    return self._segmenter
+
+  @property
+  def untrained(self) -> bool:
+    """Whether the numbers came from random weights (known without building the model)."""
+    model = self._config.model
+    return self._untrained or (self._segmenter is None and not model.get("checkpoint")
+                               and bool(model.get("random_config")))
