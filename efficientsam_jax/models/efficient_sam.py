@@ -113,10 +113,9 @@ class EfficientSam(nn.Module):
     """
     b, q, p, _ = points.shape
     sparse = self.prompt_encoder(points.reshape(b * q, p, 2), labels.reshape(b * q, p))
-    _, h, w, c = image_embeddings.shape
-    per_query = jnp.broadcast_to(image_embeddings[:, None], (b, q, h, w, c)).reshape(b * q, h, w, c)
-    dense_pe = self.prompt_encoder.dense_pe((h, w))
-    masks, iou = self.mask_decoder(per_query, dense_pe, sparse, multimask_output)
+    dense_pe = self.prompt_encoder.dense_pe(image_embeddings.shape[1:3])
+    # One embedding per image: the decoder shares its prompt-independent work among the Q queries.
+    masks, iou = self.mask_decoder(image_embeddings, dense_pe, sparse, multimask_output)
     return masks.reshape(b, q, *masks.shape[1:]), iou.reshape(b, q, -1)
 
 

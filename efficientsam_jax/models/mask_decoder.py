@@ -19,8 +19,23 @@ from efficientsam_jax.models.layers import ConvTranspose2x2, MLPBlock, attention
 Dtype = Any
 
 
+def repeat_per_query(x: jax.Array, n: int) -> jax.Array:
+  """[B, ...] → [n, ...], each row repeated n // B times in a row (b-major, as ``decode`` orders queries)."""
+  b = x.shape[0]
+  if b == n:
+    return x
+  if n % b:
+    raise ValueError(f"{n} queries do not split evenly over {b} images")
+  return jnp.broadcast_to(x[:, None], (b, n // b, *x.shape[1:])).reshape(n, *x.shape[1:])
+
+
 class TwoWayAttention(nn.Module):
-  """Attention whose q/k/v projections may shrink the width by ``downsample_rate``."""
+  """Attention whose q/k/v projections may shrink the width by ``downsample_rate``.
+
+  q and k/v may have different batch sizes when one side is per image [B, ...] and the
+  other per query [B·G, ...] (G queries per image, b-major): the per-image side is then
+  projected once per image, not once per query. The output is per query.
+  """
 
   embedding_dim: int
   num_heads: int
@@ -32,11 +47,21 @@ class TwoWayAttention(nn.Module):
     internal = self.embedding_dim // self.downsample_rate
     if internal % self.num_heads:
       raise ValueError(f"num_heads {self.num_heads} must divide the attention width {internal}")
+    if k.shape[0] != v.shape[0]:
+      raise ValueError(f"k and v batch sizes differ: {k.shape[0]} vs {v.shape[0]}")
+    nq, nk = q.shape[0], k.shape[0]
+    if max(nq, nk) % min(nq, nk):
+      raise ValueError(f"q batch {nq} and k/v batch {nk} must divide one another")
     dense = lambda features, name: nn.Dense(features, dtype=self.dtype, name=name)
     heads = lambda x: x.reshape(*x.shape[:-1], self.num_heads, internal // self.num_heads)
-    out = attention(heads(dense(internal, "q_proj")(q)), heads(dense(internal, "k_proj")(k)),
-                    heads(dense(internal, "v_proj")(v)))
-    return dense(self.embedding_dim, "out_proj")(out.reshape(*out.shape[:-2], internal))
+    lq = q.shape[1]
+    if nq > nk:  # per-query q, per-image k/v: stack each image's query tokens (softmax is per row)
+      q = q.reshape(nk, (nq // nk) * lq, q.shape[-1])
+    q, k, v = (heads(dense(internal, f"{name}_proj")(x)) for name, x in (("q", q), ("k", k), ("v", v)))
+    # Per-image q (image→token): project once per image, then repeat the projection per query.
+    out = attention(repeat_per_query(q, nk), k, v)
+    out = out.reshape(max(nq, nk), lq, internal)
+    return dense(self.embedding_dim, "out_proj")(out)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -49,6 +74,8 @@ class TwoWayAttentionBlock(nn.Module):
 
   @nn.compact
   def __call__(self, queries, keys, query_pe, key_pe):
+    """queries/query_pe [N, T, C]; keys [B, HW, C] with B dividing N (per image or per query); key_pe
+    broadcastable to keys ([1, HW, C]). Returns per-query queries [N, T, C] and keys [N, HW, C]."""
     attn = lambda rate, name: TwoWayAttention(self.embedding_dim, self.num_heads, rate,
                                               dtype=self.dtype, name=name)
     norm = lambda name: layer_norm(1e-5, name, self.dtype)
@@ -60,7 +87,8 @@ class TwoWayAttentionBlock(nn.Module):
     mlp = MLPBlock(self.mlp_dim, self.embedding_dim, num_layers=1, dtype=self.dtype, name="mlp")
     queries = norm("norm3")(queries + mlp(queries))
     q, k = queries + query_pe, keys + key_pe
-    keys = norm("norm4")(keys + attn(self.downsample_rate, "cross_attn_image_to_token")(k, q, queries))
+    update = attn(self.downsample_rate, "cross_attn_image_to_token")(k, q, queries)
+    keys = norm("norm4")(repeat_per_query(keys, queries.shape[0]) + update)
     return queries, keys
 
 
@@ -74,7 +102,11 @@ class TwoWayTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, image_embedding, image_pe, point_embedding):
-    """image_embedding/image_pe [N, HW, C], point_embedding [N, T, C]."""
+    """image_embedding [B, HW, C] (B dividing N), image_pe [1 or B, HW, C], point_embedding [N, T, C].
+
+    With B < N the first block's prompt-independent projections of the image tokens are
+    computed once per image; the returned keys are per query [N, HW, C].
+    """
     queries, keys = point_embedding, image_embedding
     for i in range(self.depth):
       queries, keys = TwoWayAttentionBlock(
@@ -84,6 +116,7 @@ class TwoWayTransformer(nn.Module):
     final_attn = TwoWayAttention(self.embedding_dim, self.num_heads, self.downsample_rate,
                                  dtype=self.dtype, name="final_attn_token_to_image")
     queries = queries + final_attn(queries + point_embedding, keys + image_pe, keys)
+    keys = repeat_per_query(keys, queries.shape[0])  # only if depth == 0
     return layer_norm(1e-5, "norm_final_attn", self.dtype)(queries), keys
 
 
@@ -105,22 +138,25 @@ class MaskDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, image_embeddings, image_pe, sparse_prompt_embeddings, multimask_output: Optional[bool]):
-    """image_embeddings [N, h, w, C] (one per query), image_pe [h, w, C], prompts [N, P, C].
+    """image_embeddings [B, h, w, C], image_pe [h, w, C], prompts [N, P, C] with N = B·Q (b-major).
 
-    ``multimask_output`` True: the 3 multimask outputs; False: the single-mask
-    output; None: all 4 (index 0 the single-mask one), for training.
+    B = N (one embedding per query) also works; B < N shares each image's prompt-independent
+    work among its Q queries. ``multimask_output`` True: the 3 multimask outputs; False: the
+    single-mask output; None: all 4 (index 0 the single-mask one), for training.
     """
-    n, h, w, c = image_embeddings.shape
+    b, h, w, c = image_embeddings.shape
+    n = sparse_prompt_embeddings.shape[0]
+    if n % b:
+      raise ValueError(f"{n} prompts do not split evenly over {b} image embeddings")
     dim = self.transformer_dim
     iou_token = nn.Embed(1, dim, name="iou_token").embedding
     mask_tokens = nn.Embed(self.num_mask_tokens, dim, name="mask_tokens").embedding
     output_tokens = jnp.broadcast_to(jnp.concatenate([iou_token, mask_tokens])[None],
                                      (n, 1 + self.num_mask_tokens, dim))
     tokens = jnp.concatenate([output_tokens, sparse_prompt_embeddings.astype(output_tokens.dtype)], axis=1)
-    pos = jnp.broadcast_to(image_pe.reshape(1, h * w, c), (n, h * w, c))
     transformer = TwoWayTransformer(self.depth, dim, self.num_heads, self.mlp_dim,
                                     dtype=self.dtype, name="transformer")
-    hs, src = transformer(image_embeddings.reshape(n, h * w, c), pos, tokens)
+    hs, src = transformer(image_embeddings.reshape(b, h * w, c), image_pe.reshape(1, h * w, c), tokens)
     iou_token_out = hs[:, 0]
     mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
 
