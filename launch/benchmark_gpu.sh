@@ -3,15 +3,15 @@
 #
 #   bash launch/benchmark_gpu.sh OUTDIR [WHEELS_DIR] [PARTS]
 #
-# PARTS (default: all, in this order): sami teacher sami_options sami_input sami_smoke inference.
+# PARTS (default: all, in this order): sami teacher finetune sami_options sami_input sami_smoke inference.
 # Each part runs under its own time limit so one slow part cannot starve the rest: the SAMI train
 # step per student size (img/s, MFU; bf16, batch 256/device), the teacher precompute (ViT-H
-# views/s), ViT-S at batch 512 and with remat, the SAMI input pipeline, the README's SAMI smoke
+# views/s), the finetuning step (EfficientSAM-Ti/S, 8 images × 64 masks per device), ViT-S at batch 512 and with remat, the SAMI input pipeline, the README's SAMI smoke
 # job end to end, the inference benchmark. WHEELS_DIR: wheels of packages the machine lacks,
 # installed to /tmp/site first (for machines without a package index).
 set -uo pipefail
 out=${1:?output directory}; wheels=${2:-}
-parts=${3:-sami teacher sami_options sami_input sami_smoke inference}
+parts=${3:-sami teacher finetune sami_options sami_input sami_smoke inference}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -n "$wheels" ]]; then
@@ -34,6 +34,8 @@ for part in $parts; do
     sami) run sami 140 $bench sami --variants ti,s,b --batch-per-device 256 --json "$out/sami_bf16.json" ;;
     teacher) run teacher 100 $bench teacher --modes upsample,native --batch-per-device 32 --steps 3 \
       --repeats 2 --json "$out/teacher.json" ;;
+    finetune) run finetune 150 $bench finetune --variants ti,s --batch-per-device 8 --masks 64 \
+      --json "$out/finetune.json" ;;
     sami_options)
       run sami_options 45 $bench sami --variants s --batch-per-device 512 --json "$out/sami_s512.json"
       run sami_options 45 $bench sami --variants s --batch-per-device 256 --remat --json "$out/sami_s_remat.json" ;;
