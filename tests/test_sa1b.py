@@ -240,6 +240,18 @@ def test_multi_host_split_is_disjoint_and_covering(data):
   assert not names[0] & names[1] and len(names[0] | names[1]) == COUNT
   with pytest.raises(ValueError, match="has no SA-1B source"):
     sa1b.sa1b_dataset([tars], local_batch_size=1, seed=0, process_index=3, process_count=4)
+  # A share selected from the index of every source equals a fresh index of that share.
+  everything = sa1b.SA1BIndex(sources)
+  for process, index in enumerate(indexes):
+    share = everything.select(sa1b.process_sources(sources, process, 2))
+    assert [share.read(i) for i in range(len(share))] == [index.read(i) for i in range(len(index))]
+  with pytest.raises(ValueError, match="not in this index"):
+    indexes[0].select(indexes[1].sources)
+  first = next(iter(sa1b.sa1b_dataset([tars], local_batch_size=2, seed=0, image_size=32, mask_size=8,
+                                      max_masks=4, index=everything)))
+  again = next(iter(sa1b.sa1b_dataset([tars], local_batch_size=2, seed=0, image_size=32, mask_size=8,
+                                      max_masks=4)))
+  np.testing.assert_array_equal(first["masks"], again["masks"])
 
 
 def test_clis(data, tmp_path, capsys):

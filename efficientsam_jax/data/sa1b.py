@@ -314,11 +314,23 @@ class SA1BIndex:
   Sample order: sources in the given order, each source's samples sorted by name.
   """
 
-  def __init__(self, sources: Sequence[str], stats: Optional[SkipStats] = None):
+  def __init__(self, sources: Sequence[str], stats: Optional[SkipStats] = None,
+               parts: Optional[Sequence[_Part]] = None):
+    """``parts``: the sources' indexes when already built (``select``); otherwise each source is scanned."""
     self.sources = list(sources)
     stats = stats if stats is not None else SkipStats()  # losses are logged either way
-    self._parts = [_index_tar(s, stats) if s.endswith(".tar") else _index_folder(s, stats) for s in self.sources]
+    if parts is None:
+      parts = [_index_tar(s, stats) if s.endswith(".tar") else _index_folder(s, stats) for s in self.sources]
+    self._parts = list(parts)
     self._starts = np.cumsum([0] + [len(p.stems) for p in self._parts])
+
+  def select(self, sources: Sequence[str]) -> "SA1BIndex":
+    """The index of some of this index's sources (e.g. one process's share), without scanning them again."""
+    by_path = dict(zip(self.sources, self._parts))
+    missing = [s for s in sources if s not in by_path]
+    if missing:
+      raise ValueError(f"{len(missing)} source(s) are not in this index, e.g. {missing[0]}")
+    return SA1BIndex(sources, parts=[by_path[s] for s in sources])
 
   def __len__(self) -> int:
     return int(self._starts[-1])
@@ -620,16 +632,18 @@ def sa1b_dataset(sources: Sequence[str], *, local_batch_size: int, seed: int, im
                  mask_size: int = 256, max_masks: int = 64, process_index: int = 0, process_count: int = 1,
                  shuffle: bool = True, num_epochs: Optional[int] = None, max_area_fraction: float = 0.9,
                  read_threads: int = 4, prefetch_buffer_size: Optional[int] = None,
-                 stats: Optional[SkipStats] = None) -> grain.IterDataset:
+                 stats: Optional[SkipStats] = None, index: Optional[SA1BIndex] = None) -> grain.IterDataset:
   """Batches of this process's share of SA-1B (module docstring); ``num_epochs`` None repeats forever.
 
   ``sources``: tar shards and/or folders (expanded by ``find_sources``). Samples are
   shuffled globally over this process's index, reshuffled each epoch. Pass a
-  ``SkipStats`` to read the skip counts; the prefetch buffer defaults to two batches.
+  ``SkipStats`` to read the skip counts; the prefetch buffer defaults to two batches. ``index``: an
+  ``SA1BIndex`` of all of ``find_sources(sources)`` already built (e.g. to count the samples); this
+  process's share is then taken from it instead of scanning its sources again.
   """
   mine = process_sources(find_sources(sources), process_index, process_count)
   stats = stats if stats is not None else SkipStats()
-  index = SA1BIndex(mine, stats)
+  index = index.select(mine) if index is not None else SA1BIndex(mine, stats)
   if not len(index):
     raise ValueError(f"process {process_index}: no readable sample in {len(mine)} source(s): {stats.summary()}")
   transform = _Transform(len(index), seed, stats, image_size=image_size, mask_size=mask_size, max_masks=max_masks,

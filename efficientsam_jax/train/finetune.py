@@ -242,7 +242,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   data_options = dict(image_size=model_config.img_size, mask_size=config.data.mask_size or
                       model_config.low_res_size, max_masks=config.data.max_masks,
                       max_area_fraction=config.data.max_area_fraction)
-  num_images = len(SA1BIndex(find_sources(sources)))
+  stats = SkipStats()
+  index = SA1BIndex(find_sources(sources), stats)  # scanned once: the count here, each process's share below
+  num_images = len(index)
   tx, schedule, total_steps = optimizer_for(config, num_images)
 
   mesh = sharding.make_mesh(config.mesh.to_dict())
@@ -250,11 +252,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state, shardings = create_train_state(lambda rng: params, tx, jax.random.PRNGKey(config.seed), mesh)
   step_fn = jit_train_step(make_train_step(model, tx, schedule, config.loss), shardings,
                            sharding.batch_sharding(mesh), sharding.replicated(mesh))
-  stats = SkipStats()
   iterator = iter(sa1b_dataset(sources, local_batch_size=config.global_batch_size // jax.process_count(),
                                seed=config.seed, process_index=jax.process_index(),
                                process_count=jax.process_count(), read_threads=config.data.read_threads,
-                               stats=stats, **data_options))
+                               stats=stats, index=index, **data_options))
 
   evaluate = make_point_eval(model) if eval_sources else None
   eval_batches = list(sa1b_dataset(eval_sources, local_batch_size=config.data.eval_batch_size, seed=0,
