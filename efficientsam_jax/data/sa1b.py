@@ -62,6 +62,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from efficientsam_jax.models.resize import bilinear_taps
+
 logger = logging.getLogger(__name__)
 
 _BLOCK = 512  # tar block size
@@ -474,20 +476,10 @@ def decode_jpeg(data: bytes, height: int, width: int) -> np.ndarray:
   return image
 
 
-def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """PyTorch's bilinear (align_corners=False) source taps and weight of the second tap (float32 like torch)."""
-  f32 = np.float32
-  scale = np.float64(f32(in_size) / f32(out_size))
-  src = np.maximum((scale * (np.arange(out_size, dtype=np.float64) + 0.5) - 0.5).astype(f32), f32(0))
-  i0 = np.minimum(np.floor(src).astype(np.intp), in_size - 1)
-  i1 = np.minimum(i0 + 1, in_size - 1)
-  return i0, i1, (src - i0.astype(f32)).astype(f32)
-
-
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
   """uint8 [H, W, C] → uint8 [size, size, C]: PyTorch's bilinear, no antialias (EfficientSAM's resize), rounded."""
-  y0, y1, wy = _bilinear_taps(image.shape[0], size)
-  x0, x1, wx = _bilinear_taps(image.shape[1], size)
+  y0, y1, wy = bilinear_taps(image.shape[0], size)
+  x0, x1, wx = bilinear_taps(image.shape[1], size)
   top, bottom = image[y0].astype(np.float32), image[y1].astype(np.float32)  # in place from here: half the time
   bottom -= top
   bottom *= wy[:, None, None]

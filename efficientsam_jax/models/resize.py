@@ -34,6 +34,24 @@ def _cubic_weights(t: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=256)
+def _source_positions(in_size: int, out_size: int) -> np.ndarray:
+  """PyTorch's float32 source position of each output sample (``align_corners=False``)."""
+  # PyTorch computes the scale in float32 and the source position with one
+  # rounding to float32 (a fused multiply-add); doing the same keeps us within
+  # rounding of its output even for large upsampling factors.
+  f32 = np.float32
+  scale = np.float64(f32(in_size) / f32(out_size))
+  return (scale * (np.arange(out_size, dtype=np.float64) + 0.5) - 0.5).astype(f32)
+
+
+def bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """PyTorch's bilinear taps: (first source index, second source index, float32 weight of the second)."""
+  src = np.maximum(_source_positions(in_size, out_size), np.float32(0))
+  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  i1 = np.minimum(i0 + 1, in_size - 1)
+  return i0, i1, (src - i0.astype(np.float32)).astype(np.float32)
+
+
 def resize_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
   """The [out_size, in_size] matrix of PyTorch's 1-D interpolation.
 
@@ -45,25 +63,17 @@ def resize_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
   """
   if in_size <= 0 or out_size <= 0:
     raise ValueError(f"resize sizes must be positive, got {in_size} -> {out_size}")
-  # PyTorch computes the scale in float32 and the source position with one
-  # rounding to float32 (a fused multiply-add); doing the same keeps us within
-  # rounding of its output even for large upsampling factors.
-  f32 = np.float32
-  scale = np.float64(f32(in_size) / f32(out_size))
-  src = (scale * (np.arange(out_size, dtype=np.float64) + 0.5) - 0.5).astype(f32)
   matrix = np.zeros((out_size, in_size), dtype=np.float64)
   rows = np.arange(out_size)
   if method == "bilinear":
-    src = np.maximum(src, f32(0))
-    i0 = np.floor(src).astype(np.int64)
-    i0 = np.minimum(i0, in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    frac = (src - i0.astype(f32)).astype(np.float64)
+    i0, i1, frac = bilinear_taps(in_size, out_size)
+    frac = frac.astype(np.float64)
     np.add.at(matrix, (rows, i0), 1.0 - frac)
     np.add.at(matrix, (rows, i1), frac)
   elif method == "bicubic":
+    src = _source_positions(in_size, out_size)
     i0 = np.floor(src).astype(np.int64)
-    weights = _cubic_weights((src - i0.astype(f32)).astype(np.float64))
+    weights = _cubic_weights((src - i0.astype(np.float32)).astype(np.float64))
     for tap in range(4):
       idx = np.clip(i0 - 1 + tap, 0, in_size - 1)
       np.add.at(matrix, (rows, idx), weights[:, tap])
