@@ -41,7 +41,7 @@ import numpy as np
 from efficientsam_jax.models import efficient_sam as esam
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_POINTS_PER_PROMPT = 1  # one positive click; the decoder pads to max_num_points anyway
+_POINTS_PER_PROMPT = 1  # one positive click (the model pads it as the official model does)
 
 
 @dataclasses.dataclass

@@ -3,15 +3,17 @@
 #
 #   bash launch/benchmark_gpu.sh OUTDIR [WHEELS_DIR] [PARTS]
 #
-# PARTS (default: all, in this order): sami teacher finetune sami_options sami_input sami_smoke inference.
-# Each part runs under its own time limit so one slow part cannot starve the rest: the SAMI train
-# step per student size (img/s, MFU; bf16, batch 256/device), the teacher precompute (ViT-H
-# views/s), the finetuning step (EfficientSAM-Ti/S, 8 images × 64 masks per device), ViT-S at batch 512 and with remat, the SAMI input pipeline, the README's SAMI smoke
-# job end to end, the inference benchmark. WHEELS_DIR: wheels of packages the machine lacks,
-# installed to /tmp/site first (for machines without a package index).
+# PARTS (default: all, in this order): sami teacher finetune sami_options sami_input sami_smoke
+# inference everything. Each part runs under its own time limit so one slow part cannot starve the
+# rest: the SAMI train step per student size (img/s, MFU; bf16, batch 256/device), the teacher
+# precompute (ViT-H views/s), the finetuning step (EfficientSAM-Ti/S, 8 images × 64 masks per
+# device), ViT-S at batch 512 and with remat, the SAMI input pipeline, the README's SAMI smoke job
+# end to end, the inference benchmark, segment-everything against the notebook's approach.
+# WHEELS_DIR: wheels of packages the machine lacks, installed to /tmp/site first (for machines
+# without a package index).
 set -uo pipefail
 out=${1:?output directory}; wheels=${2:-}
-parts=${3:-sami teacher finetune sami_options sami_input sami_smoke inference}
+parts=${3:-sami teacher finetune sami_options sami_input sami_smoke inference everything}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -n "$wheels" ]]; then
@@ -44,6 +46,8 @@ for part in $parts; do
       --workdir=/tmp/sami_smoke ;;
     inference) run inference 90 python3 -m efficientsam_jax.benchmark --variants ti,s --batch-sizes 1,8 \
       --dtypes float32,bfloat16 --queries 64 --repeats 5 --json "$out/inference.json" ;;
+    everything) run everything 120 python3 -m efficientsam_jax.inference.everything_benchmark --grids 16,32 \
+      --repeats 2 ;;
     *) echo "unknown part $part" ;;
   esac
 done

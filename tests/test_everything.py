@@ -110,6 +110,47 @@ def test_shape_stable_decode_and_upsampling_match_the_official_functions(tiny_mo
   assert not np.asarray(masks)[:, 70:].any() and not np.asarray(masks)[:, :, 100:].any()
 
 
+def test_two_decoding_stages_equal_the_whole_decoder(tiny_model):
+  """Prompt stage + mask stage on any subset of the prompts = those prompts' rows of the whole decoder."""
+  model, params = tiny_model
+  image = _image(70, 100)
+  embedding = ev.embed_image(model, params, image)
+  rng = np.random.default_rng(4)
+  points = (rng.uniform(size=(8, 2)) * np.array([100, 70])).astype(np.float32)
+  valid = np.arange(8) < 7  # the last slot is padding
+  size = jnp.array([70, 100], jnp.int32)
+  labels = np.where(valid, 1.0, -1.0).astype(np.float32)[:, None]
+  low_res, iou = ev.decode_in_pixels(model, params, embedding, points[:, None], labels, size, True)
+  state, stage_iou, needed = ev._prompt_stage(model, params, embedding, points, valid, size, 0.0)  # pylint: disable=protected-access
+  np.testing.assert_allclose(stage_iou, iou, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(needed, valid & (np.asarray(iou) > 0.0).any(-1))
+  index = np.array([5, 0, 2], np.int32)
+  stage_low_res, *_ = ev._mask_stage(model, params, state, stage_iou, index, size, 0.0, 0.0, 1.0, 0.0)  # pylint: disable=protected-access
+  np.testing.assert_allclose(stage_low_res, np.asarray(low_res)[index].reshape(9, *low_res.shape[-2:]),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_only_prompts_passing_the_iou_filter_are_upscaled(tiny_model):
+  """With the IoU threshold at the median of the prompts' best IoU, half the prompts reach the mask stage,
+  and the records are those of the naive approach that upscales everything."""
+  model, params = tiny_model
+  image = _image(64, 80, seed=5)
+  grid = ev.build_point_grid(4) * np.array([80, 64])
+  embedding = ev.embed_image(model, params, image)
+  _, iou = ev.decode_in_pixels(model, params, embedding, grid[:, None].astype(np.float32), np.ones((16, 1)),
+                               jnp.array([64, 80]), True)
+  best = np.sort(np.asarray(iou).max(-1))
+  threshold = float(best[7] + best[8]) / 2
+  settings = dict(pred_iou_thresh=threshold, stability_score_thresh=0.0, stability_score_offset=0.01,
+                  box_nms_thresh=0.9)
+  generator = ev.EfficientSamAutomaticMaskGenerator(model, params, points_per_side=4, **settings)
+  ours = generator.generate(image)
+  assert generator.last_stats["candidates"] == 48 and generator.last_stats["mask_stage_prompts"] == 8
+  naive = eb.naive_segment_everything(model, params, image, points_per_side=4, **settings)
+  assert ours and len(ours) == len(naive)
+  assert eb.match_records(ours, naive, iou_thresh=0.99)["matched"] == len(naive)
+
+
 # -- the generator -------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from efficientsam_jax.common.images import encode_jpeg, load_rgb
+from efficientsam_jax.common.images import decode_image, encode_jpeg, load_rgb
 from efficientsam_jax.common.multihost import barrier
 from efficientsam_jax.data import teacher_records as tr
 from efficientsam_jax.data.views import render_view, sample_view, view_rng
@@ -83,7 +83,7 @@ def shard_records(sources: Iterable[SourceImage], teacher_fn: Callable, *, views
       view = sample_view(view_rng(seed, source_id, index), image.shape[:2])
       jpeg = encode_jpeg(render_view(image, view, size))
       # The teacher sees the decoded JPEG: exactly the student's input.
-      pending.append((jpeg, tr.decode_jpeg(jpeg), source_id, view, index))
+      pending.append((jpeg, decode_image(jpeg), source_id, view, index))
       if len(pending) == batch_size:
         yield from flush()
   if pending:

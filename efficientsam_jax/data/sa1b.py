@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -62,6 +61,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from efficientsam_jax.common.images import ImageSizeError, decode_image
 from efficientsam_jax.models.resize import bilinear_taps
 
 logger = logging.getLogger(__name__)
@@ -464,16 +464,11 @@ def decode_masks(json_bytes: bytes) -> np.ndarray:
 def decode_jpeg(data: bytes, height: int, width: int) -> np.ndarray:
   """JPEG bytes → uint8 [H, W, 3] RGB; BadSample if undecodable or not ``height``×``width``."""
   try:
-    with Image.open(io.BytesIO(data)) as picture:
-      if picture.size != (width, height):
-        raise BadSample("size_mismatch", f"JPEG is {picture.size[1]}×{picture.size[0]}, JSON says {height}×{width}",
-                        ".jpg")
-      image = np.asarray(picture if picture.mode == "RGB" else picture.convert("RGB"))
-  except BadSample:
-    raise
+    return decode_image(data, (height, width))
+  except ImageSizeError as error:
+    raise BadSample("size_mismatch", f"JPEG: {error} (from the JSON)", ".jpg") from None
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
     raise BadSample("bad_jpeg", f"{type(error).__name__}: {error}", ".jpg") from None
-  return image
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:

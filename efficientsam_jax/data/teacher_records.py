@@ -20,26 +20,20 @@ hash; a restarted job skips recorded shards.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
-from PIL import Image
 
 from efficientsam_jax.common.files import atomic_file
+from efficientsam_jax.common.images import decode_image
 from efficientsam_jax.data.example_proto import decode_example, encode_example
 from efficientsam_jax.data.tfrecord import TFRecordWriter, read_records
 from efficientsam_jax.data.views import View
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MANIFEST_PREFIX = "manifest-"
-
-
-def decode_jpeg(data: bytes) -> np.ndarray:
-  with Image.open(io.BytesIO(data)) as picture:
-    return np.asarray(picture.convert("RGB"))
 
 
 def encode_record(view_jpeg: bytes, features: np.ndarray, source_id: str, view: View, view_index: int) -> bytes:
@@ -60,7 +54,7 @@ def decode_record(serialized: bytes) -> dict:
   raw = decode_example(serialized)
   shape = tuple(int(v) for v in raw["teacher_shape"])
   return {
-      "image": decode_jpeg(raw["view_jpeg"][0]),
+      "image": decode_image(raw["view_jpeg"][0]),
       "features": np.frombuffer(raw["teacher_features"][0], "<f2").reshape(shape),
       "source_id": raw["source_id"][0].decode(),
       "crop_box": raw["crop_box"],

@@ -11,9 +11,11 @@ removal of small islands and holes.
 What makes it fast (the official notebook upsamples every candidate to full
 resolution before filtering):
 
-* every point batch is one jitted call of fixed shape that decodes, scores
-  stability and computes boxes on the 256×256 low-res logits; only flags and
-  boxes go to the host;
+* every point batch is one jitted call of fixed shape that runs the decoder's
+  transformer and IoU head; the decoder's upscaling (~40% of its work) then runs
+  only for the prompts with a mask above the IoU threshold, in a second call that
+  also scores stability and computes boxes on the 256×256 low-res logits (compiled
+  for a few batch sizes); only flags and boxes go to the host;
 * NMS runs on those low-res boxes; only its survivors are upsampled (PyTorch's
   bicubic, as the official model), in fixed-size chunks, on a canvas padded to a
   multiple of ``canvas_multiple``, with the image size as a traced value: images
@@ -77,6 +79,19 @@ def _upsample(low_res: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array
   return jnp.einsum("nHw,Ww->nHW", x, cols, precision=_HIGHEST)
 
 
+def _model_prompts(model: EfficientSam, points: jax.Array, labels: jax.Array, image_hw: jax.Array):
+  """Pixel prompts [Q, P, 2] of an image of (traced) size ``image_hw`` → the model's [1, Q, P, 2] grid and labels."""
+  c = model.config
+  height, width = image_hw[0].astype(jnp.float32), image_hw[1].astype(jnp.float32)
+  x, y = points[..., 0].astype(jnp.float32), points[..., 1].astype(jnp.float32)
+  # The official rescaling (efficient_sam.rescale_points), with the size as an array.
+  grid = jnp.stack([jnp.where(x >= 0, x * c.img_size / width, -1.0),
+                    jnp.where(y >= 0, y * c.img_size / height, -1.0)], axis=-1)
+  if grid.shape[1] > c.max_num_points:
+    raise ValueError(f"prompts have {grid.shape[1]} points; EfficientSAM takes at most {c.max_num_points}")
+  return grid[None], labels.astype(jnp.float32)[None]  # the model pads to max_num_points
+
+
 @functools.partial(jax.jit, static_argnames=("model", "multimask_output"))
 def decode_in_pixels(model: EfficientSam, params, embedding: jax.Array, points: jax.Array, labels: jax.Array,
                      image_hw: jax.Array, multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:
@@ -91,19 +106,8 @@ def decode_in_pixels(model: EfficientSam, params, embedding: jax.Array, points: 
   Returns:
     (low-res logits [Q, K, 4h, 4w], predicted IoU [Q, K]) in float32, in the model's order.
   """
-  c = model.config
-  height, width = image_hw[0].astype(jnp.float32), image_hw[1].astype(jnp.float32)
-  x, y = points[..., 0].astype(jnp.float32), points[..., 1].astype(jnp.float32)
-  # The official rescaling (efficient_sam.rescale_points), with the size as an array.
-  grid = jnp.stack([jnp.where(x >= 0, x * c.img_size / width, -1.0),
-                    jnp.where(y >= 0, y * c.img_size / height, -1.0)], axis=-1)
-  labels = labels.astype(jnp.float32)
-  extra = c.max_num_points - grid.shape[1]
-  if extra < 0:
-    raise ValueError(f"prompts have {grid.shape[1]} points; EfficientSAM takes at most {c.max_num_points}")
-  grid = jnp.pad(grid, ((0, 0), (0, extra), (0, 0)), constant_values=-1.0)
-  labels = jnp.pad(labels, ((0, 0), (0, extra)), constant_values=float(LABEL_PADDING))
-  masks, iou = model.apply({"params": params}, embedding.astype(model.dtype), grid[None], labels[None],
+  grid, labels = _model_prompts(model, points, labels, image_hw)
+  masks, iou = model.apply({"params": params}, embedding.astype(model.dtype), grid, labels,
                            multimask_output, method=EfficientSam.decode)
   return masks[0].astype(jnp.float32), iou[0].astype(jnp.float32)
 
@@ -169,25 +173,53 @@ def _mask_boxes(masks: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _score_batch(model, params, embedding, points, valid, image_hw, pred_iou_thresh,
-                 stability_thresh, stability_offset, mask_threshold):
-  """One batch of B single-point prompts → low-res candidates [3B] with flags, scores and boxes.
+def _prompt_stage(model, params, embedding, points, valid, image_hw, pred_iou_thresh):
+  """B single-point prompts → (state for ``_mask_stage``, IoU [B, 3], flags [B]: a mask passes the IoU filter).
+
+  For EfficientSAM the state is the decoder's first stage (its image tokens and hypernetwork
+  outputs): the upscaling, ~40% of the decoder, then runs only for the flagged prompts. A model
+  without the two stages (``decode_in_pixels`` only) passes its low-res logits as the state.
+  """
+  labels = jnp.where(valid, float(LABEL_POSITIVE), float(LABEL_PADDING))[:, None]
+  if isinstance(model, EfficientSam):
+    grid, labels = _model_prompts(model, points[:, None], labels, image_hw)
+    src, hyper_in, iou = model.apply({"params": params}, embedding.astype(model.dtype), grid, labels, True,
+                                     method=EfficientSam.decode_tokens)
+    state, iou = (src, hyper_in), iou[0].astype(jnp.float32)
+  else:
+    state, iou = model.decode_in_pixels(params, embedding, points[:, None], labels, image_hw, True)
+  return state, iou, valid & (iou > pred_iou_thresh).any(axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _mask_stage(model, params, state, iou, index, image_hw, pred_iou_thresh, stability_thresh, stability_offset,
+                mask_threshold):
+  """The prompts ``index`` [U] of a ``_prompt_stage`` batch → low-res candidates [3U] with flags, scores, boxes.
 
   Boxes are the low-res mask extents mapped to image pixels (x0, y0, x1, y1), used for the
   crop-edge filter and NMS; full-resolution boxes are computed later for the survivors.
   """
-  labels = jnp.where(valid, float(LABEL_POSITIVE), float(LABEL_PADDING))[:, None]
-  low_res, iou = _decode_any(model, params, embedding, points[:, None], labels, image_hw, True)
+  state = jax.tree_util.tree_map(lambda x: x[index], state)
+  if isinstance(model, EfficientSam):
+    low_res = model.apply({"params": params}, *state, method=EfficientSam.decode_masks).astype(jnp.float32)
+  else:
+    low_res = state
   num, k, h, w = low_res.shape
-  low_res, iou = low_res.reshape(num * k, h, w), iou.reshape(num * k)
+  low_res, iou = low_res.reshape(num * k, h, w), iou[index].reshape(num * k)
   stability = stability_score(low_res, mask_threshold, stability_offset)
-  keep = jnp.repeat(valid, k) & (iou > pred_iou_thresh) & (stability >= stability_thresh)
+  keep = (iou > pred_iou_thresh) & (stability >= stability_thresh)
   boxes = _mask_boxes(low_res > mask_threshold).astype(jnp.float32)
   scale = jnp.stack([image_hw[1] / w, image_hw[0] / h] * 2).astype(jnp.float32)
   # Low-res pixel i covers image pixels [i·s, (i+1)·s); keep the inclusive convention.
   boxes = jnp.concatenate([boxes[:, :2] * scale[:2], (boxes[:, 2:] + 1) * scale[2:] - 1], axis=-1)
   keep = keep & (low_res > mask_threshold).any(axis=(-2, -1))
   return low_res, keep, iou, stability, boxes
+
+
+def mask_stage_sizes(points_per_batch: int) -> list[int]:
+  """The batch sizes the mask stage is compiled for: powers of two from 8, and ``points_per_batch``."""
+  sizes = [size for size in (2 ** i for i in range(3, 16)) if size < points_per_batch]
+  return sizes + [points_per_batch]
 
 
 @jax.jit
@@ -394,8 +426,8 @@ class EfficientSamAutomaticMaskGenerator:
     image = to_rgb_uint8(image)
     height, width = image.shape[:2]
     crop_boxes, layers = generate_crop_boxes((height, width), self.crop_n_layers, self.crop_overlap_ratio)
-    self.last_stats = {"candidates": 0, "after_filters": 0, "upsampled": 0, "after_nms": 0, "after_full_res_filters": 0,
-                       "nms_rounds": 0}
+    self.last_stats = {"candidates": 0, "mask_stage_prompts": 0, "after_filters": 0, "upsampled": 0, "after_nms": 0,
+                       "after_full_res_filters": 0, "nms_rounds": 0}
     found = []
     for crop_box, layer in zip(crop_boxes, layers):
       found.extend(self._process_crop(image, crop_box, layer))
@@ -410,17 +442,22 @@ class EfficientSamAutomaticMaskGenerator:
     return [self._record(r) for r in found]
 
   def warm_up(self, image_hw: tuple[int, int]) -> None:
-    """Compiles the batch stage and the upsampling for images of this canvas bucket (benchmarks call it)."""
+    """Compiles both decoding stages and the upsampling for images of this canvas bucket (benchmarks call it)."""
     height, width = image_hw
     embedding = embed_image(self.model, self.params, np.zeros((height, width, 3), np.uint8))
     size = jnp.array([height, width], jnp.int32)
-    low_res = _score_batch(self.model, self.params, embedding, np.zeros((self.points_per_batch, 2), np.float32),
-                           np.ones(self.points_per_batch, bool), size, self.pred_iou_thresh,
-                           self.stability_score_thresh - self.low_res_stability_margin, self.stability_score_offset,
-          self.mask_threshold)[0]
+    state, iou, _ = _prompt_stage(self.model, self.params, embedding, np.zeros((self.points_per_batch, 2), np.float32),
+                                  np.ones(self.points_per_batch, bool), size, self.pred_iou_thresh)
+    for stage_size in mask_stage_sizes(self.points_per_batch):
+      low_res = self._mask_stage(state, iou, np.zeros(stage_size, np.int32), size)[0]
     rows, cols = canvas_matrices((height, width), low_res.shape[-1], self.canvas_multiple)
     jax.block_until_ready(_finish_chunk(low_res, np.zeros(self.upsample_batch, np.int32), rows, cols, size,
                                         self.mask_threshold, self.stability_score_offset))
+
+  def _mask_stage(self, state, iou, index, image_hw):
+    return _mask_stage(self.model, self.params, state, iou, index, image_hw, self.pred_iou_thresh,
+                       self.stability_score_thresh - self.low_res_stability_margin, self.stability_score_offset,
+                       self.mask_threshold)
 
   # -- per crop -------------------------------------------------------------------
 
@@ -434,28 +471,34 @@ class EfficientSamAutomaticMaskGenerator:
     image_box = [0, 0, image.shape[1], image.shape[0]]
     offset = np.array([x0, y0, x0, y0], np.float64)
 
-    batches, candidates = [], []  # candidates: (batch, index, iou, stability, box in image pixels)
+    batches, candidates = [], []  # candidates: (batch, index, iou, stability, box in image pixels, point)
     size = self.points_per_batch
     for start in range(0, len(points), size):
       chunk = points[start:start + size]
       padded = np.zeros((size, 2), np.float32)
       padded[:len(chunk)] = chunk
       valid = np.arange(size) < len(chunk)
-      low_res, keep, iou, stability, boxes = _score_batch(
-          self.model, self.params, embedding, padded, valid, crop_hw, self.pred_iou_thresh,
-          self.stability_score_thresh - self.low_res_stability_margin, self.stability_score_offset,
-          self.mask_threshold)
-      keep, iou, stability, boxes = jax.device_get((keep, iou, stability, boxes))
       self.last_stats["candidates"] += 3 * len(chunk)
-      index = np.flatnonzero(keep)
-      if len(index):
-        uncropped = boxes[index] + offset
-        # Masks touching a crop edge inside the image are partial: SAM drops them.
-        index = index[~is_box_near_crop_edge(uncropped, crop_box, image_box)]
-      batches.append(low_res if len(index) else None)
-      for i in index:
+      state, iou, needed = _prompt_stage(self.model, self.params, embedding, padded, valid, crop_hw,
+                                         self.pred_iou_thresh)
+      prompts = np.flatnonzero(jax.device_get(needed))
+      self.last_stats["mask_stage_prompts"] += len(prompts)
+      if not len(prompts):
+        continue
+      # Only prompts with a mask above the IoU threshold are upscaled, in the smallest compiled size.
+      index = np.zeros(next(n for n in mask_stage_sizes(size) if n >= len(prompts)), np.int32)
+      index[:len(prompts)] = prompts
+      low_res, keep, iou, stability, boxes = self._mask_stage(state, iou, index, crop_hw)
+      keep, iou, stability, boxes = jax.device_get((keep, iou, stability, boxes))
+      passed = np.flatnonzero(keep[:3 * len(prompts)])
+      # Masks touching a crop edge inside the image are partial: SAM drops them.
+      passed = passed[~is_box_near_crop_edge(boxes[passed] + offset, crop_box, image_box)]
+      if not len(passed):
+        continue
+      batches.append(low_res)
+      for i in passed:
         candidates.append((len(batches) - 1, int(i), float(iou[i]), float(stability[i]), boxes[i] + offset,
-                           chunk[i // 3]))
+                           chunk[index[i // 3]]))
     self.last_stats["after_filters"] += len(candidates)
     if not candidates:
       return []
@@ -593,7 +636,8 @@ def _host_box(mask: np.ndarray) -> np.ndarray:
 def compile_cache_sizes() -> dict[str, int]:
   """Compiled variants of the generator's jitted stages (tests check that a new image size adds none)."""
   return {name: fn._cache_size() for name, fn in  # pylint: disable=protected-access
-          (("score_batch", _score_batch), ("finish_chunk", _finish_chunk), ("decode", decode_in_pixels))}
+          (("prompt_stage", _prompt_stage), ("mask_stage", _mask_stage), ("finish_chunk", _finish_chunk),
+           ("decode", decode_in_pixels))}
 
 
 # ----------------------------------------------------------------------------

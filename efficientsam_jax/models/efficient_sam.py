@@ -109,14 +109,40 @@ class EfficientSam(nn.Module):
   def decode(self, image_embeddings, points, labels, multimask_output: Optional[bool] = True):
     """Embeddings [B, h, w, C], points [B, Q, P, 2] in the model's input grid → [B, Q, K, 4h, 4w], [B, Q, K].
 
+    P ≤ max_num_points; shorter prompts are padded as the official model pads them (label -1 at (-1, -1)).
     K = 3 (multimask), 1 (single-mask output) or, with ``multimask_output=None``, all 4.
     """
+    b, q = points.shape[:2]
+    src, hyper_in, iou = self.decode_tokens(image_embeddings, points, labels, multimask_output)
+    masks = self.decode_masks(src, hyper_in)
+    return masks.reshape(b, q, *masks.shape[1:]), iou
+
+  def decode_tokens(self, image_embeddings, points, labels, multimask_output: Optional[bool] = True):
+    """The decoder's first stage (see ``decode``) → (image tokens [B·Q, h, w, C], hypernetwork outputs
+    [B·Q, K, C/8], IoU [B, Q, K]); ``decode_masks`` turns any subset of the B·Q rows into masks."""
     b, q, p, _ = points.shape
+    limit = self.config.max_num_points
+    if p > limit:
+      raise ValueError(f"prompts have {p} points; EfficientSAM takes at most {limit} (the official model "
+                       "truncates: see predict_masks)")
+    weights = None
+    if p < limit:
+      # The official model pads to max_num_points with identical (-1, -1, label -1) points; one such
+      # token weighted by their number gives the same result with fewer tokens (TwoWayTransformer).
+      points = jnp.concatenate([points, jnp.full((b, q, 1, 2), -1.0, points.dtype)], axis=2)
+      labels = jnp.concatenate([labels, jnp.full((b, q, 1), -1.0, labels.dtype)], axis=2)
+      weights = jnp.log(jnp.array([1.0] * p + [limit - p], jnp.float32))
+      p += 1
     sparse = self.prompt_encoder(points.reshape(b * q, p, 2), labels.reshape(b * q, p))
     dense_pe = self.prompt_encoder.dense_pe(image_embeddings.shape[1:3])
     # One embedding per image: the decoder shares its prompt-independent work among the Q queries.
-    masks, iou = self.mask_decoder(image_embeddings, dense_pe, sparse, multimask_output)
-    return masks.reshape(b, q, *masks.shape[1:]), iou.reshape(b, q, -1)
+    src, hyper_in, iou = self.mask_decoder.predict_tokens(image_embeddings, dense_pe, sparse, multimask_output,
+                                                          weights)
+    return src, hyper_in, iou.reshape(b, q, -1)
+
+  def decode_masks(self, src, hyper_in):
+    """Image tokens [N, h, w, C] and hypernetwork outputs [N, K, C/8] → low-res mask logits [N, K, 4h, 4w]."""
+    return self.mask_decoder.predict_masks(src, hyper_in)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -174,22 +200,12 @@ def rescale_points(points: jax.Array, input_hw: tuple[int, int], img_size: int) 
                     jnp.where(y >= 0, y * img_size / h, -1.0)], axis=-1)
 
 
-def pad_points(points: jax.Array, labels: jax.Array, num_points: int):
-  """Pads with (-1, -1, label -1) or truncates the point axis to ``num_points``."""
-  p = points.shape[-2]
-  if p >= num_points:
-    return points[..., :num_points, :], labels[..., :num_points]
-  extra = num_points - p
-  points = jnp.pad(points, [(0, 0)] * (points.ndim - 2) + [(0, extra), (0, 0)], constant_values=-1.0)
-  labels = jnp.pad(labels, [(0, 0)] * (labels.ndim - 1) + [(0, extra)], constant_values=-1.0)
-  return points, labels
-
-
 @functools.partial(jax.jit, static_argnames=("model", "input_hw", "multimask_output"))
 def _decode(model: EfficientSam, params, embeddings, points, labels, input_hw, multimask_output):
   c = model.config
   points = rescale_points(points.astype(jnp.float32), input_hw, c.img_size)
-  points, labels = pad_points(points, labels.astype(jnp.float32), c.max_num_points)
+  # The official model keeps the first max_num_points points; the model pads shorter prompts.
+  points, labels = points[..., :c.max_num_points, :], labels[..., :c.max_num_points].astype(jnp.float32)
   masks, iou = model.apply({"params": params}, embeddings.astype(model.dtype), points, labels,
                            multimask_output, method=EfficientSam.decode)
   return masks.astype(jnp.float32), iou.astype(jnp.float32)

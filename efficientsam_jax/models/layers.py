@@ -59,10 +59,13 @@ class MLPBlock(nn.Module):
 
 
 class ConvTranspose2x2(nn.Module):
-  """``nn.ConvTranspose2d(kernel_size=2, stride=2)`` on NHWC input.
+  """``nn.ConvTranspose2d(kernel_size=2, stride=2)`` on channels-last input, without the pixel shuffle.
 
-  With kernel = stride = 2 the output patches do not overlap, so the layer is
-  one einsum followed by a pixel shuffle. Kernel layout (kh, kw, in, out).
+  With kernel = stride = 2 the output patches do not overlap: input pixel (i, j) alone gives output
+  pixels (2i + a, 2j + b), a, b ∈ {0, 1}. [..., C] → [..., 2, 2, O] (a, b before the channels);
+  ``pixel_shuffle`` interleaves them. Per-pixel layers (norms over all pixels, activations, further
+  such convolutions) can run before the shuffle, so a stack of them shuffles once, at the end.
+  Kernel layout (kh, kw, in, out).
   """
 
   features: int
@@ -74,6 +77,16 @@ class ConvTranspose2x2(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, in_features, self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    n, h, w, _ = x.shape
-    y = jnp.einsum("nhwc,abco->nhawbo", x, kernel)
-    return y.reshape(n, 2 * h, 2 * w, self.features) + bias
+    return jnp.einsum("...c,abco->...abo", x, kernel) + bias
+
+
+def pixel_shuffle(x: jax.Array, levels: int) -> jax.Array:
+  """[N, h, w, (2, 2) × levels, ...] from ``levels`` stacked ``ConvTranspose2x2`` → [N, 2^L·h, 2^L·w, ...].
+
+  Level 1's (a, b) are the coarsest sub-pixel offsets: output row = 2^L·i + 2^(L-1)·a1 + … + a_L.
+  """
+  n, h, w = x.shape[:3]
+  rest = x.shape[3 + 2 * levels:]
+  rows = [3 + 2 * i for i in range(levels)]
+  order = [0, 1, *rows, 2, *(r + 1 for r in rows), *range(3 + 2 * levels, x.ndim)]
+  return x.transpose(order).reshape(n, h * 2 ** levels, w * 2 ** levels, *rest)

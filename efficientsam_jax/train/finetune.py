@@ -158,10 +158,9 @@ def make_point_eval(model: EfficientSam, seed: int = 0):
     embeddings = model.apply({"params": params}, normalize_uint8(batch["image"]).astype(model.dtype),
                              method=EfficientSam.encode)
     xy, _ = prompts.sample_in_region(jax.random.PRNGKey(seed), masks, c.img_size)
-    points = jnp.concatenate([xy[:, :, None], jnp.full((*xy.shape[:2], c.max_num_points - 1, 2), prompts.PAD)], 2)
-    labels = jnp.concatenate([jnp.ones((*xy.shape[:2], 1)), jnp.full((*xy.shape[:2], c.max_num_points - 1),
-                                                                      prompts.PAD)], 2)
-    logits, iou_pred = model.apply({"params": params}, embeddings, points, labels, True, method=EfficientSam.decode)
+    labels = jnp.full((*xy.shape[:2], 1), prompts.POSITIVE)  # one point; the model pads as the official one
+    logits, iou_pred = model.apply({"params": params}, embeddings, xy[:, :, None], labels, True,
+                                   method=EfficientSam.decode)
     best = jnp.argmax(iou_pred, axis=-1)
     chosen = jnp.take_along_axis(logits, best[:, :, None, None, None], axis=2)[:, :, 0]
     iou = mask_iou(to_grid(chosen.astype(jnp.float32), masks.shape[-1]) > 0, masks)
