@@ -91,8 +91,9 @@ class EfficientSamSegmenter:
       size = min(self.max_queries, num_queries - start)
       # Powers of two from 8 up: a few compilations for any number of objects.
       bucket = min(max(1 << max(size - 1, 0).bit_length(), 8), self.max_queries)
-      chunk_points = np.full((bucket, limit, 2), -1.0, np.float32)
-      chunk_labels = np.full((bucket, limit), float(LABEL_PADDING), np.float32)
+      # P points as given (the model pads them as the official model does, with one weighted token).
+      chunk_points = np.full((bucket, num_points, 2), -1.0, np.float32)
+      chunk_labels = np.full((bucket, num_points), float(LABEL_PADDING), np.float32)
       chunk_points[:size, :num_points] = points[start:start + size]
       chunk_labels[:size, :num_points] = labels[start:start + size]
       low_res, iou = decode_in_pixels(self.model, self.params, self._embedding, chunk_points, chunk_labels,
