@@ -10,9 +10,7 @@ takes every n-th image and process 0 merges (the workdir must be shared).
 
 import ml_collections
 
-TINY_RANDOM_MODEL = {"img_size": 64, "encoder_embed_dim": 48, "encoder_depth": 2, "encoder_num_heads": 3,
-                     "decoder_dim": 64, "decoder_num_heads": 4, "decoder_mlp_dim": 128}
-
+from efficientsam_jax.evaluation.synthetic import TINY_RANDOM_MODEL
 
 def get_config(arg=None):
   config = ml_collections.ConfigDict()

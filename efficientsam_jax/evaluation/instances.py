@@ -227,17 +227,12 @@ def run_eval_instances(config, workdir: str, *, segmenter: Optional[Segmenter] =
   store = runner.ResultStore(os.path.join(workdir, "instances_results"), settings)
   lazy = LazySegmenter(config, segmenter)
 
-  def process_image(image_id: int) -> dict:
-    image = runner.read_image(paths["images"], data.images[image_id])
-    if image is None:
-      return {"image_id": image_id, "results": [], "issues": {"image_size_mismatch": 1}}
-    issues: dict[str, int] = {}
+  def process_image(image_id: int, image, issues: dict) -> list:
     image_prompts = prompts.get(image_id, [])
-    results = segment_boxes(lazy.get(), image, image_id, image_prompts, issues) if image_prompts else []
-    return {"image_id": image_id, "results": results, "issues": issues}
+    return segment_boxes(lazy.get(), image, image_id, image_prompts, issues) if image_prompts else []
 
-  timing = runner.run_images(store, image_ids[index::count], process_image, f"eval_instances [{index}/{count}]",
-                             paths["images"], data)
+  timing = runner.run_images(store, image_ids[index::count], process_image, "results",
+                             f"eval_instances [{index}/{count}]", paths["images"], data)
   barrier("eval_instances_done")
   if index != 0:
     return None

@@ -110,17 +110,12 @@ def run_eval_points(config, workdir: str, *, segmenter: Optional[Segmenter] = No
   store = runner.ResultStore(os.path.join(workdir, "points_results"), settings)
   lazy = LazySegmenter(config, segmenter)
 
-  def process_image(image_id: int) -> dict:
-    image = runner.read_image(paths["images"], data.images[image_id])
-    if image is None:
-      return {"image_id": image_id, "objects": [], "issues": {"image_size_mismatch": 1}}
-    issues: dict[str, int] = {}
+  def process_image(image_id: int, image, issues: dict) -> list:
     objects = image_objects(data, image_id, image.shape[0], image.shape[1], issues)
-    results = evaluate_objects(lazy.get(), image, objects, prompts, config.eval.seed, image_id) if objects else []
-    return {"image_id": image_id, "objects": results, "issues": issues}
+    return evaluate_objects(lazy.get(), image, objects, prompts, config.eval.seed, image_id) if objects else []
 
-  timing = runner.run_images(store, image_ids[index::count], process_image, f"eval_points [{index}/{count}]",
-                             paths["images"], data)
+  timing = runner.run_images(store, image_ids[index::count], process_image, "objects",
+                             f"eval_points [{index}/{count}]", paths["images"], data)
   barrier("eval_points_done")
   if index != 0:
     return None

@@ -47,9 +47,12 @@ def select_images(data: CocoData, max_images: int) -> list[int]:
   return ids[:max_images] if max_images and max_images > 0 else ids
 
 
-def run_images(store: ResultStore, image_ids: list[int], process_image: Callable[[int], Any], description: str,
-               folder: str, data: CocoData, log: Callable[[str], None] = print) -> dict:
-  """Runs ``process_image`` on each image of this process's share not yet in ``store``; returns timing info."""
+def run_images(store: ResultStore, image_ids: list[int], process_image: Callable[[int, Any, dict], list],
+               results_key: str, description: str, folder: str, data: CocoData,
+               log: Callable[[str], None] = print) -> dict:
+  """Runs ``process_image(image_id, image, issues)`` on each image of this process's share not yet in
+  ``store`` and stores ``{"image_id", results_key: its list, "issues"}``; an image whose file does not
+  match its annotated size is stored with no results and one ``image_size_mismatch``. Returns timing info."""
   check_image_files(folder, data, image_ids)
   finished = store.done(image_ids)
   todo = [i for i in image_ids if i not in finished]
@@ -58,7 +61,12 @@ def run_images(store: ResultStore, image_ids: list[int], process_image: Callable
   progress = Progress(len(image_ids), description, initial=len(finished))
   start = time.perf_counter()
   for image_id in todo:
-    store.write(image_id, process_image(image_id))
+    image = read_image(folder, data.images[image_id])
+    issues: dict[str, int] = {}
+    results = [] if image is None else process_image(image_id, image, issues)
+    if image is None:
+      issues["image_size_mismatch"] = 1
+    store.write(image_id, {"image_id": image_id, results_key: results, "issues": issues})
     progress.update()
   progress.close()
   seconds = time.perf_counter() - start

@@ -20,6 +20,9 @@ from efficientsam_jax.common.files import atomic_file
 
 IMAGE_SIZES = ((144, 176), (160, 128), (128, 150), (150, 150))  # (H, W)
 CATEGORIES = [{"id": 1, "name": "box"}, {"id": 2, "name": "blob"}, {"id": 3, "name": "bar"}]
+# The untrained model the evaluation smoke configs run on this data (EfficientSamConfig fields).
+TINY_RANDOM_MODEL = {"img_size": 64, "encoder_embed_dim": 48, "encoder_depth": 2, "encoder_num_heads": 3,
+                     "decoder_dim": 64, "decoder_num_heads": 4, "decoder_mlp_dim": 128}
 
 
 def _ellipse_polygon(cx: float, cy: float, rx: float, ry: float, n: int = 24) -> list[float]:
