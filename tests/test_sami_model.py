@@ -8,8 +8,9 @@ import pytest
 from flax import traverse_util
 
 from efficientsam_jax.models import EfficientSam, EfficientSamConfig, init_params
+from efficientsam_jax.models.layers import Kernels
 from efficientsam_jax.models.sami import (SamiConfig, SamiModel, random_masking, sami_loss,
-                                          student_encoder_params)
+                                          student_encoder_params, take_permuted)
 
 TINY = dict(encoder_embed_dim=48, encoder_depth=2, encoder_num_heads=3, img_size=64,
             decoder_dim=32, decoder_depth=2, decoder_num_heads=4, target_dim=8)
@@ -26,6 +27,45 @@ def test_random_masking_ratio_and_inverse():
   np.put_along_axis(visible, np.asarray(shuffle[:, :49]), True, axis=1)
   np.testing.assert_array_equal(visible, np.asarray(mask) == 0)
   assert len({tuple(np.flatnonzero(m)) for m in np.asarray(mask)}) == 4
+
+
+@pytest.mark.parametrize("start,stop", [(0, 3), (3, 10), (0, 10), (2, 7)])
+def test_take_permuted_equals_take_along_axis_and_its_gradient_is_a_gather(start, stop):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 10, 4)), jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(3, stop - start, 4)), jnp.float32)
+  shuffle, restore, _ = random_masking(jax.random.PRNGKey(0), 3, 10, 3)
+  reference = lambda t: jnp.take_along_axis(t, shuffle[:, start:stop, None], axis=1)
+  ours = lambda t: take_permuted(t, shuffle, restore, start, stop)
+  np.testing.assert_array_equal(ours(x), reference(x))
+  grad_of = lambda take: jax.grad(lambda t: jnp.sum(take(t) * weights))
+  np.testing.assert_array_equal(grad_of(ours)(x), grad_of(reference)(x))
+  assert "scatter" in str(jax.make_jaxpr(grad_of(reference))(x))
+  assert "scatter" not in str(jax.make_jaxpr(grad_of(ours))(x))
+
+
+def test_kernels_change_the_computation_not_the_parameters():
+  config = SamiConfig(**TINY)
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3))
+  mask_rng = jax.random.PRNGKey(1)
+  exact = SamiModel(config)
+  params = exact.init(jax.random.PRNGKey(2), images, mask_rng)
+  reference, _ = exact.apply(params, images, mask_rng)
+  for kernels in (Kernels(layer_norm="one_pass"), Kernels(gelu="tanh"), Kernels(layer_norm="one_pass", gelu="tanh")):
+    model = SamiModel(config, kernels=kernels)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(2), images, mask_rng)
+    assert jax.tree.structure(shapes) == jax.tree.structure(params)
+    predictions, _ = model.apply(params, images, mask_rng)
+    scale = float(jnp.abs(reference).max())
+    np.testing.assert_allclose(predictions, reference, atol=(1e-5 if kernels.gelu == "exact" else 2e-3) * scale)
+    if kernels.gelu == "tanh":
+      assert float(jnp.abs(predictions - reference).max()) > 1e-6 * scale  # the decoder's GELU did change
+  # The student encoder keeps the exact GELU whatever the decoder's.
+  tokens = jax.random.normal(jax.random.PRNGKey(3), (2, 5, TINY["encoder_embed_dim"]))
+  encode = lambda model: model.apply(params, tokens, method=lambda m, t: m.encoder.transform(t))
+  np.testing.assert_array_equal(encode(SamiModel(config, kernels=Kernels(gelu="tanh"))), encode(exact))
+  with pytest.raises(ValueError, match="attention must be one of"):
+    Kernels(attention="flash")
 
 
 def test_config_mask_ratio():

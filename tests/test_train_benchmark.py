@@ -1,11 +1,15 @@
-"""The training benchmark's FLOP count (the MFU basis) and its profile reader."""
+"""The training benchmark's FLOP count (the MFU basis), its profile reader and its kernel sets."""
+
+import argparse
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from efficientsam_jax.models.layers import Kernels
 from efficientsam_jax.models.sami import SamiConfig, SamiModel
-from efficientsam_jax.train.benchmark import compiled_flops, peak_tflops, profile_top_ops, sami_train_flops_per_image
+from efficientsam_jax.train.benchmark import (compiled_cost, parse_kernels, peak_tflops, profile_top_ops,
+                                              sami_train_flops_per_image)
 
 
 @pytest.mark.parametrize("decoder_type", ["cross", "self"])
@@ -15,7 +19,7 @@ def test_model_flops_match_xla_count_of_the_forward(decoder_type):
   model, rng, images = SamiModel(config), jax.random.PRNGKey(0), jnp.zeros((4, 224, 224, 3))
   params = jax.eval_shape(lambda: model.init(rng, images[:1], rng))["params"]
   compiled = jax.jit(lambda p, x: model.apply({"params": p}, x, rng)[0]).lower(params, images).compile()
-  xla_forward = compiled_flops(compiled) / 4
+  xla_forward = compiled_cost(compiled) / 4
   ours_forward = sami_train_flops_per_image(config) / 3
   # XLA also counts the elementwise work (norms, GELU, softmax): a few percent more than the matmuls.
   assert 0.9 * xla_forward < ours_forward < xla_forward
@@ -29,3 +33,11 @@ def test_peak_table_and_profile_reader(tmp_path):
   rows = profile_top_ops(lambda: f(x), str(tmp_path), calls=2)
   assert rows and all(r["ms_per_call"] >= 0 for r in rows)
   assert abs(sum(r["share"] for r in rows) - 1.0) < 0.05 or len(rows) == 25
+
+
+def test_kernel_sets_parse_and_bad_ones_are_refused():
+  assert parse_kernels("default; layer_norm=one_pass,gelu=tanh;attention=cudnn") == [
+      Kernels(), Kernels(layer_norm="one_pass", gelu="tanh"), Kernels(attention="cudnn")]
+  for bad in ("gelu", "softmax=fast", "gelu=erf"):
+    with pytest.raises(argparse.ArgumentTypeError, match=bad.split("=")[0]):
+      parse_kernels(bad)

@@ -7,6 +7,7 @@ renaming; see ``efficientsam_jax/convert/torch_keys.py``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -16,20 +17,25 @@ import jax.numpy as jnp
 Dtype = Any
 
 
-
 def exact_gelu(x: jax.Array) -> jax.Array:
   """PyTorch's default ``nn.GELU`` (erf form, not the tanh approximation)."""
   return jax.nn.gelu(x, approximate=False)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla") -> jax.Array:
   """Softmax attention on [..., T, N, H] (tokens, heads, head dim) → [..., T, N, H].
 
-  Heads-first matmuls with the scale folded into q: on CPU this avoids the
-  extra copy of the T×T probabilities that ``jax.nn.dot_product_attention``
+  "xla": heads-first matmuls with the scale folded into q: on CPU this avoids
+  the extra copy of the T×T probabilities that ``jax.nn.dot_product_attention``
   makes in this layout (Ti encoder 3.2 s → 2.1 s at 1024, BENCHMARKS.md).
   Logits and softmax are fp32 whatever the compute dtype.
+  "cudnn": cuDNN's fused (flash) attention through ``jax.nn.dot_product_attention``,
+  which reads this layout as it is (no head transposes); NVIDIA GPUs, bf16/fp16, [B, T, N, H].
   """
+  if implementation == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  if implementation != "xla":
+    raise ValueError(f"attention implementation must be 'xla' or 'cudnn', got {implementation!r}")
   q, k, v = (jnp.swapaxes(t, -3, -2) for t in (q, k, v))
   logits = jnp.matmul(q * (q.shape[-1] ** -0.5), jnp.swapaxes(k, -1, -2),
                       preferred_element_type=jnp.float32)
@@ -37,9 +43,42 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.swapaxes(out, -3, -2)
 
 
-def layer_norm(eps: float, name: str, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
-  """LayerNorm with PyTorch's two-pass variance (exact parity in fp32)."""
-  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
+def layer_norm(eps: float, name: str, dtype: Dtype = jnp.float32, one_pass: bool = False) -> nn.LayerNorm:
+  """LayerNorm; by default with PyTorch's two-pass variance (exact parity in fp32).
+
+  ``one_pass``: E[x²] − E[x]² from one reduction over x (flax's default; statistics in fp32).
+  """
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=one_pass, dtype=dtype, name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+  """How a transformer block computes attention, LayerNorm and GELU: speed choices over the same parameters.
+
+  attention: "xla" or "cudnn" (see ``attention``).
+  layer_norm: "two_pass" (PyTorch's variance) or "one_pass" (see ``layer_norm``).
+  gelu: "exact" (erf, PyTorch's ``nn.GELU()``) or "tanh" (the tanh approximation, max. error ~5e-4).
+  The defaults compute exactly what the official PyTorch modules do.
+  """
+
+  attention: str = "xla"
+  layer_norm: str = "two_pass"
+  gelu: str = "exact"
+
+  def __post_init__(self):
+    for field, allowed in (("attention", ("xla", "cudnn")), ("layer_norm", ("two_pass", "one_pass")),
+                           ("gelu", ("exact", "tanh"))):
+      if getattr(self, field) not in allowed:
+        raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    return attention(q, k, v, self.attention)
+
+  def norm(self, eps: float, name: str, dtype: Dtype) -> nn.LayerNorm:
+    return layer_norm(eps, name, dtype, one_pass=self.layer_norm == "one_pass")
+
+  def act(self, x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=self.gelu == "tanh")
 
 
 class MLPBlock(nn.Module):

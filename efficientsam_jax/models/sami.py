@@ -12,11 +12,17 @@ Decoders (paper §3.2 and its ablation):
 * ``cross``: queries are the masked tokens (mask token + decoder position
   embedding); keys/values are the visible encoder outputs and the masked tokens.
 * ``self``: MAE's decoder, self-attention over the full re-ordered sequence.
+
+``kernels`` (``layers.Kernels``) picks the attention, LayerNorm and GELU
+implementations; the student encoder always keeps the exact GELU of the
+EfficientSAM encoder it is exported to. The token gathers' gradients are
+gathers too (``take_permuted``), not scatters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -24,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientsam_jax.common.config import JsonConfig
-from efficientsam_jax.models.layers import attention, layer_norm
+from efficientsam_jax.models.layers import Kernels
 from efficientsam_jax.models.vit import VIT_SIZES, Block, ImageEncoderViT, Mlp
 
 Dtype = Any
@@ -86,8 +92,29 @@ def random_masking(rng: jax.Array, batch: int, num_tokens: int, num_visible: int
   return shuffle, restore, mask
 
 
-def _gather_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
-  return jnp.take_along_axis(x, index[..., None], axis=1)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def take_permuted(x: jax.Array, order: jax.Array, inverse: jax.Array, start: int, stop: int) -> jax.Array:
+  """Tokens ``order[:, start:stop]`` of x [B, N, C]: ``x[b, order[b, start:stop]]``.
+
+  ``order`` [B, N] is a permutation of the N tokens and ``inverse`` its inverse.
+  Same value as ``take_along_axis``, but the gradient is a gather as well (the
+  cotangent, zero-padded to N tokens in ``order``'s order, taken by ``inverse``)
+  where ``take_along_axis``'s is a scatter-add that cannot know the indices are distinct.
+  """
+  return jnp.take_along_axis(x, order[:, start:stop, None], axis=1)
+
+
+def _take_permuted_fwd(x, order, inverse, start, stop):
+  return take_permuted(x, order, inverse, start, stop), (order, inverse)
+
+
+def _take_permuted_bwd(start, stop, residuals, cotangent):
+  order, inverse = residuals
+  padded = jnp.pad(cotangent, ((0, 0), (start, order.shape[1] - stop), (0, 0)))
+  return jnp.take_along_axis(padded, inverse[:, :, None], axis=1), None, None
+
+
+take_permuted.defvjp(_take_permuted_fwd, _take_permuted_bwd)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -95,20 +122,22 @@ class CrossAttentionBlock(nn.Module):
 
   num_heads: int
   dtype: Dtype = jnp.float32
+  kernels: Kernels = Kernels()
 
   @nn.compact
   def __call__(self, queries: jax.Array, context: jax.Array) -> jax.Array:
-    width = queries.shape[-1]
+    width, kern = queries.shape[-1], self.kernels
     head = width // self.num_heads
     split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, head)
-    q_in = layer_norm(1e-6, "norm_q", self.dtype)(queries)
-    kv_in = jnp.concatenate([layer_norm(1e-6, "norm_kv", self.dtype)(context), q_in], axis=1)
+    q_in = kern.norm(1e-6, "norm_q", self.dtype)(queries)
+    kv_in = jnp.concatenate([kern.norm(1e-6, "norm_kv", self.dtype)(context), q_in], axis=1)
     q = nn.Dense(width, dtype=self.dtype, name="q")(q_in)
     k = nn.Dense(width, dtype=self.dtype, name="k")(kv_in)
     v = nn.Dense(width, dtype=self.dtype, name="v")(kv_in)
-    out = attention(split(q), split(k), split(v)).reshape(queries.shape)
+    out = kern.attend(split(q), split(k), split(v)).reshape(queries.shape)
     queries = queries + nn.Dense(width, dtype=self.dtype, name="proj")(out)
-    return queries + Mlp(4 * width, dtype=self.dtype, name="mlp")(layer_norm(1e-6, "norm2", self.dtype)(queries))
+    return queries + Mlp(4 * width, dtype=self.dtype, kernels=kern, name="mlp")(
+        kern.norm(1e-6, "norm2", self.dtype)(queries))
 
 
 class SamiModel(nn.Module):
@@ -117,23 +146,26 @@ class SamiModel(nn.Module):
   config: SamiConfig
   dtype: Dtype = jnp.float32
   remat: bool = False
+  kernels: Kernels = Kernels()
 
   def setup(self):
-    c = self.config
+    c, kern = self.config, self.kernels
     self.encoder = ImageEncoderViT(img_size=c.img_size, embed_dim=c.encoder_embed_dim, depth=c.encoder_depth,
                                    num_heads=c.encoder_num_heads, patch_size=c.patch_size,
-                                   pretrain_img_size=c.img_size, dtype=self.dtype, remat=self.remat)
-    self.encoder_norm = layer_norm(1e-6, None, self.dtype)
+                                   pretrain_img_size=c.img_size, dtype=self.dtype, remat=self.remat,
+                                   kernels=dataclasses.replace(kern, gelu="exact"))
+    self.encoder_norm = kern.norm(1e-6, None, self.dtype)
     self.decoder_embed = nn.Dense(c.decoder_dim, dtype=self.dtype)
     self.mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, c.decoder_dim))
     self.decoder_pos_embed = self.param("decoder_pos_embed", nn.initializers.normal(0.02),
                                         (1, c.num_tokens, c.decoder_dim))
     if c.decoder_type == "cross":
-      self.decoder_blocks = [CrossAttentionBlock(c.decoder_num_heads, dtype=self.dtype)
+      self.decoder_blocks = [CrossAttentionBlock(c.decoder_num_heads, dtype=self.dtype, kernels=kern)
                              for _ in range(c.decoder_depth)]
     else:
-      self.decoder_blocks = [Block(c.decoder_num_heads, dtype=self.dtype) for _ in range(c.decoder_depth)]
-    self.decoder_norm = layer_norm(1e-6, None, self.dtype)
+      self.decoder_blocks = [Block(c.decoder_num_heads, dtype=self.dtype, kernels=kern)
+                             for _ in range(c.decoder_depth)]
+    self.decoder_norm = kern.norm(1e-6, None, self.dtype)
     self.head = nn.Dense(c.target_dim, dtype=self.dtype)
 
   def __call__(self, images: jax.Array, rng: jax.Array):
@@ -143,26 +175,27 @@ class SamiModel(nn.Module):
     batch = x.shape[0]
     x = x.reshape(batch, c.num_tokens, c.encoder_embed_dim)
     shuffle, restore, mask = random_masking(rng, batch, c.num_tokens, c.num_visible)
-    visible_index, masked_index = shuffle[:, :c.num_visible], shuffle[:, c.num_visible:]
+    v, n = c.num_visible, c.num_tokens
+    take = lambda t, start, stop: take_permuted(t, shuffle, restore, start, stop)  # tokens in shuffled order
 
-    visible = self.encoder.transform(_gather_tokens(x, visible_index))
+    visible = self.encoder.transform(take(x, 0, v))
     visible = self.decoder_embed(self.encoder_norm(visible))
-    pos = jnp.broadcast_to(self.decoder_pos_embed.astype(visible.dtype), (batch, c.num_tokens, c.decoder_dim))
-    masked = jnp.broadcast_to(self.mask_token.astype(visible.dtype), (batch, masked_index.shape[1], c.decoder_dim))
-    masked = masked + _gather_tokens(pos, masked_index)
+    pos = take(jnp.broadcast_to(self.decoder_pos_embed.astype(visible.dtype), (batch, n, c.decoder_dim)), 0, n)
+    masked = self.mask_token.astype(visible.dtype) + pos[:, v:]
 
     if c.decoder_type == "cross":
-      context = visible + _gather_tokens(pos, visible_index)
+      context = visible + pos[:, :v]
       for block in self.decoder_blocks:
         masked = block(masked, context)
       tokens = jnp.concatenate([visible, self.decoder_norm(masked)], axis=1)
     else:
-      tokens = jnp.concatenate([visible + _gather_tokens(pos, visible_index), masked], axis=1)
+      tokens = jnp.concatenate([visible + pos[:, :v], masked], axis=1)
       for block in self.decoder_blocks:
         tokens = block(tokens)
       tokens = self.decoder_norm(tokens)
-    tokens = _gather_tokens(tokens, restore)  # back to the image's token order
-    return self.head(tokens).astype(jnp.float32), mask
+    # The head is per token: apply it before putting the tokens back in the image's order (fewer channels to move).
+    predictions = take_permuted(self.head(tokens), restore, shuffle, 0, n)
+    return predictions.astype(jnp.float32), mask
 
 
 def sami_loss(predictions: jax.Array, targets: jax.Array, mask: jax.Array, kind: str = "mse",

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efficientsam_jax.models.layers import attention, exact_gelu, layer_norm
+from efficientsam_jax.models.layers import Kernels, layer_norm
 from efficientsam_jax.models.resize import resize
 
 Dtype = Any
@@ -42,6 +42,7 @@ class Attention(nn.Module):
 
   num_heads: int
   dtype: Dtype = jnp.float32
+  kernels: Kernels = Kernels()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -51,7 +52,7 @@ class Attention(nn.Module):
     qkv = nn.Dense(3 * width, dtype=self.dtype, name="qkv")(x)
     qkv = qkv.reshape(*batch, tokens, 3, self.num_heads, width // self.num_heads)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-    out = attention(q, k, v)
+    out = self.kernels.attend(q, k, v)
     out = out.reshape(*batch, tokens, width)
     return nn.Dense(width, dtype=self.dtype, name="proj")(out)
 
@@ -59,11 +60,12 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
   hidden_dim: int
   dtype: Dtype = jnp.float32
+  kernels: Kernels = Kernels()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
-    x = exact_gelu(nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x))
+    x = self.kernels.act(nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x))
     return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
 
 
@@ -89,14 +91,15 @@ class Block(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
   drop_path_rate: float = 0.0
+  kernels: Kernels = Kernels()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    width = x.shape[-1]
-    x = x + drop_path(self, Attention(self.num_heads, dtype=self.dtype, name="attn")(
-        layer_norm(1e-6, "norm1", self.dtype)(x)), self.drop_path_rate)
-    x = x + drop_path(self, Mlp(int(width * self.mlp_ratio), dtype=self.dtype, name="mlp")(
-        layer_norm(1e-6, "norm2", self.dtype)(x)), self.drop_path_rate)
+    width, k = x.shape[-1], self.kernels
+    x = x + drop_path(self, Attention(self.num_heads, dtype=self.dtype, kernels=k, name="attn")(
+        k.norm(1e-6, "norm1", self.dtype)(x)), self.drop_path_rate)
+    x = x + drop_path(self, Mlp(int(width * self.mlp_ratio), dtype=self.dtype, kernels=k, name="mlp")(
+        k.norm(1e-6, "norm2", self.dtype)(x)), self.drop_path_rate)
     return x
 
 
@@ -140,6 +143,7 @@ class ImageEncoderViT(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this rate over the blocks
+  kernels: Kernels = Kernels()  # the blocks' (the neck keeps PyTorch's LayerNorm)
 
   def setup(self):
     pretrain_grid = self.pretrain_img_size // self.patch_size
@@ -148,8 +152,8 @@ class ImageEncoderViT(nn.Module):
     self.patch_embed = PatchEmbed(self.embed_dim, self.patch_size, dtype=self.dtype)
     block_cls = nn.remat(Block) if self.remat else Block
     rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
-    self.blocks = [block_cls(self.num_heads, self.mlp_ratio, dtype=self.dtype, drop_path_rate=rate)
-                   for rate in rates]
+    self.blocks = [block_cls(self.num_heads, self.mlp_ratio, dtype=self.dtype, drop_path_rate=rate,
+                             kernels=self.kernels) for rate in rates]
     self.neck_0 = nn.Conv(self.neck_dim, (1, 1), use_bias=False, dtype=self.dtype)
     self.neck_1 = layer_norm(1e-6, None, self.dtype)
     self.neck_2 = nn.Conv(self.neck_dim, (3, 3), padding=1, use_bias=False, dtype=self.dtype)

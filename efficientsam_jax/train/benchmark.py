@@ -12,6 +12,9 @@ cost analysis beside it) and MFU = model FLOPs / time / peak, where peak is
 the accelerator's dense bf16 rate (``PEAK_TFLOPS`` by device kind, or
 ``--peak-tflops``); no MFU on CPU. ``--compile-only`` stops after compiling and
 prints the FLOPs and XLA's memory estimate (check a big config fits).
+``--kernels`` compares implementations side by side (``layers.Kernels``, same
+parameters): sets separated by ``;``, each ``default`` or ``key=value,...``, e.g.
+``--kernels "default;layer_norm=one_pass,gelu=tanh;attention=cudnn,layer_norm=one_pass"``.
 
 ``finetune``: the real jitted EfficientSAM finetuning step (encoder once,
 ``1 + correction_steps`` decoder rounds over ``--masks`` masks per image,
@@ -31,6 +34,7 @@ decode, batching) over shards of real photographs' views: samples/s.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -41,6 +45,8 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from efficientsam_jax.models.layers import Kernels
 
 # Dense bf16 matrix peak per chip (vendor datasheets), TFLOP/s, by a substring of device_kind.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0,
@@ -76,13 +82,32 @@ def sami_train_flops_per_image(config) -> float:
   return 3.0 * (patch_embed + encoder + decoder)
 
 
-def compiled_flops(compiled) -> Optional[float]:
-  """FLOPs of one call of a compiled computation from XLA's cost analysis (None if unavailable)."""
+def parse_kernels(text: str) -> list[Kernels]:
+  """``"default;layer_norm=one_pass,gelu=tanh"`` → [Kernels(), Kernels(layer_norm="one_pass", gelu="tanh")]."""
+  sets = []
+  for item in text.split(";"):
+    item = item.strip()
+    if item in ("", "default"):
+      sets.append(Kernels())
+      continue
+    pairs = [pair.split("=", 1) for pair in item.split(",")]
+    if any(len(pair) != 2 for pair in pairs):
+      raise argparse.ArgumentTypeError(f"kernel set {item!r}: expected key=value pairs separated by ','")
+    try:
+      sets.append(Kernels(**{key.strip(): value.strip() for key, value in pairs}))
+    except (TypeError, ValueError) as e:
+      raise argparse.ArgumentTypeError(f"kernel set {item!r}: {e}") from e
+  return sets
+
+
+def compiled_cost(compiled, key: str = "flops") -> Optional[float]:
+  """One figure of a compiled computation's cost analysis (None if unavailable): "flops" per call, or
+  "bytes accessed" (XLA's count of bytes read and written by its ops: the memory-bound work)."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None
-  flops = (analysis or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
+  value = (analysis or {}).get(key)
+  return float(value) if value and value > 0 else None
 
 
 def compiled_memory_gib(compiled) -> Optional[float]:
@@ -171,6 +196,22 @@ def _describe(device: jax.Device) -> str:
 
 
 def bench_sami(args) -> list[dict]:
+  mesh_axes = {"data": -1, "fsdp": args.fsdp}
+  peak = peak_tflops(jax.devices()[0], args.peak_tflops)
+  rows = []
+  for variant in args.variants:
+    for kernels in args.kernels:
+      try:
+        row = _bench_sami_setting(args, variant, kernels, mesh_axes, peak, len(rows))
+      except Exception as e:  # pylint: disable=broad-except  # e.g. cuDNN attention refusing a shape: go on
+        row = {"variant": variant, "kernels": dataclasses.asdict(kernels), "error": f"{type(e).__name__}: {e}"[:400]}
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  return rows
+
+
+def _bench_sami_setting(args, variant: str, kernels: Kernels, mesh_axes: dict, peak: Optional[float],
+                        index: int) -> dict:
   # pylint: disable=import-outside-toplevel
   from efficientsam_jax.models.sami import SamiConfig, SamiModel
   from efficientsam_jax.train import sharding
@@ -179,43 +220,38 @@ def bench_sami(args) -> list[dict]:
   from efficientsam_jax.train.sami import make_train_step
   from efficientsam_jax.train.state import create_train_state
 
-  mesh = sharding.make_mesh({"data": -1, "fsdp": args.fsdp})
-  peak = peak_tflops(jax.devices()[0], args.peak_tflops)
-  rows = []
-  for variant in args.variants:
-    config = SamiConfig.from_variant(variant)
-    batch = args.batch_per_device * jax.device_count()
-    model = SamiModel(config, dtype=jnp.dtype(args.dtype), remat=args.remat)
-    tx, schedule = make_optimizer({
-        "optimizer": {"b1": 0.9, "b2": 0.95, "weight_decay": 0.05}, "global_batch_size": batch,
-        "total_steps": 1000, "lr": {"base_lr": 1.5e-4, "warmup_steps": 10, "schedule": "cosine"}})
-    side = config.img_size
-    init = lambda rng: model.init(rng, jnp.zeros((1, side, side, 3)), rng)["params"]  # pylint: disable=cell-var-from-loop
-    state, shardings = create_train_state(init, tx, jax.random.PRNGKey(0), mesh)
-    step = jit_train_step(make_train_step(model, tx, schedule), shardings, sharding.batch_sharding(mesh),
-                          sharding.replicated(mesh))
-    data = {"images": jax.random.randint(jax.random.PRNGKey(1), (batch, side, side, 3), 0, 256).astype(jnp.uint8),
-            "targets": jax.random.normal(jax.random.PRNGKey(2), (batch, config.num_tokens, config.target_dim))}
-    data = jax.device_put(data, sharding.batch_sharding(mesh))
-    rng = jax.random.PRNGKey(3)
-    start = time.perf_counter()
-    compiled = step.lower(state, data, rng).compile()
-    compile_s = time.perf_counter() - start
-    flops = sami_train_flops_per_image(config) * batch / jax.device_count()  # per device
-    xla_flops = compiled_flops(compiled)
-    row = {"variant": variant, "dtype": args.dtype, "remat": args.remat, "batch": batch,
-           "compile_s": round(compile_s, 1), "model_gflop_per_step": round(flops / 1e9, 1),
-           "xla_gflop_per_step": xla_flops and round(xla_flops / 1e9, 1),
-           "xla_mem_gib": compiled_memory_gib(compiled)}
-    if not args.compile_only:
-      seconds = time_train_step(compiled, state, data, rng, args, f"sami_{variant}")
-      row.update(ms_per_step=round(1e3 * seconds, 2), img_per_s=round(batch / seconds, 1))
-      if peak:
-        row["mfu"] = round(flops / seconds / (peak * 1e12), 4)
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-    del state, step, compiled
-  return rows
+  mesh = sharding.make_mesh(mesh_axes)
+  config = SamiConfig.from_variant(variant)
+  batch = args.batch_per_device * jax.device_count()
+  model = SamiModel(config, dtype=jnp.dtype(args.dtype), remat=args.remat, kernels=kernels)
+  tx, schedule = make_optimizer({
+      "optimizer": {"b1": 0.9, "b2": 0.95, "weight_decay": 0.05}, "global_batch_size": batch,
+      "total_steps": 1000, "lr": {"base_lr": 1.5e-4, "warmup_steps": 10, "schedule": "cosine"}})
+  side = config.img_size
+  init = lambda rng: model.init(rng, jnp.zeros((1, side, side, 3)), rng)["params"]
+  state, shardings = create_train_state(init, tx, jax.random.PRNGKey(0), mesh)
+  step = jit_train_step(make_train_step(model, tx, schedule), shardings, sharding.batch_sharding(mesh),
+                        sharding.replicated(mesh))
+  data = {"images": jax.random.randint(jax.random.PRNGKey(1), (batch, side, side, 3), 0, 256).astype(jnp.uint8),
+          "targets": jax.random.normal(jax.random.PRNGKey(2), (batch, config.num_tokens, config.target_dim))}
+  data = jax.device_put(data, sharding.batch_sharding(mesh))
+  rng = jax.random.PRNGKey(3)
+  start = time.perf_counter()
+  compiled = step.lower(state, data, rng).compile()
+  compile_s = time.perf_counter() - start
+  flops = sami_train_flops_per_image(config) * batch / jax.device_count()  # per device
+  xla_flops, xla_bytes = compiled_cost(compiled), compiled_cost(compiled, "bytes accessed")
+  row = {"variant": variant, "kernels": dataclasses.asdict(kernels), "dtype": args.dtype, "remat": args.remat,
+         "batch": batch, "compile_s": round(compile_s, 1), "model_gflop_per_step": round(flops / 1e9, 1),
+         "xla_gflop_per_step": xla_flops and round(xla_flops / 1e9, 1),
+         "xla_gbytes_per_step": xla_bytes and round(xla_bytes / 1e9, 2),
+         "xla_mem_gib": compiled_memory_gib(compiled)}
+  if not args.compile_only:
+    seconds = time_train_step(compiled, state, data, rng, args, f"sami_{variant}_{index}")
+    row.update(ms_per_step=round(1e3 * seconds, 2), img_per_s=round(batch / seconds, 1))
+    if peak:
+      row["mfu"] = round(flops / seconds / (peak * 1e12), 4)
+  return row
 
 
 def bench_finetune(args) -> list[dict]:
@@ -257,7 +293,7 @@ def bench_finetune(args) -> list[dict]:
     compiled = step.lower(state, data, rng).compile()
     row = {"variant": variant, "dtype": args.dtype, "batch": batch, "masks_per_image": args.masks,
            "rounds": 1 + args.correction_steps, "compile_s": round(time.perf_counter() - start, 1),
-           "xla_gflop_per_step": compiled_flops(compiled) and round(compiled_flops(compiled) / 1e9, 1),
+           "xla_gflop_per_step": compiled_cost(compiled) and round(compiled_cost(compiled) / 1e9, 1),
            "xla_mem_gib": compiled_memory_gib(compiled)}
     seconds = time_train_step(compiled, state, data, rng, args, f"finetune_{variant}")
     row.update(ms_per_step=round(1e3 * seconds, 1), img_per_s=round(batch / seconds, 2),
@@ -344,6 +380,8 @@ def _parse_args(argv):
   sami.add_argument("--fsdp", type=int, default=1)
   sami.add_argument("--peak-tflops", type=float, default=0.0, help="override the per-chip bf16 peak")
   sami.add_argument("--compile-only", action="store_true")
+  sami.add_argument("--kernels", type=parse_kernels, default=[Kernels(layer_norm="one_pass")],
+                    help="';'-separated implementation sets to compare (default: the SAMI configs' choice)")
   finetune = sub.add_parser("finetune", parents=[common])
   finetune.add_argument("--variants", type=lambda s: s.split(","), default=["ti", "s"])
   finetune.add_argument("--batch-per-device", type=int, default=8)

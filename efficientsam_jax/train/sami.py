@@ -75,6 +75,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   from efficientsam_jax.data import teacher_records
   from efficientsam_jax.data.precompute import run_precompute
   from efficientsam_jax.data.sami_input import sami_dataset
+  from efficientsam_jax.models.layers import Kernels
   from efficientsam_jax.models.sami import SamiConfig
   from efficientsam_jax.train import sharding
   from efficientsam_jax.train.loop import jit_train_step, optimizer_for, train_loop
@@ -97,7 +98,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   global_batch = config.global_batch_size
   tx, schedule, total_steps = optimizer_for(config, num_records)
   mesh = sharding.make_mesh(config.mesh.to_dict())
-  model = SamiModel(SamiConfig(**config.model.to_dict()), dtype=jnp.dtype(config.dtype), remat=config.remat)
+  model = SamiModel(SamiConfig(**config.model.to_dict()), dtype=jnp.dtype(config.dtype), remat=config.remat,
+                    kernels=Kernels(**config.kernels.to_dict()))
   side = config.model.img_size
   init = lambda rng: model.init(rng, jnp.zeros((1, side, side, 3)), rng)["params"]
   state, shardings = create_train_state(init, tx, jax.random.PRNGKey(config.seed), mesh)
