@@ -23,6 +23,11 @@ trained in (14×14 windows over a 64×64 grid, its own position tables), and its
 ViT-H on the 224 view with resized tables: about 20× cheaper, but the 14×14 grid
 is a single window, so every windowed block turns into global attention that
 SAM never saw in training. The precompute runs once, so we pay for fidelity.
+
+``teacher.dtype`` (default bfloat16) and ``teacher.attention``: "xla", or "cudnn"
+on NVIDIA GPUs, the same function with the decomposed relative positions folded
+into q·k so that cuDNN's fused attention never materializes the 4096 × 4096
+logits of the global blocks (``models/sam_vit.py`` ``fold_relative_positions``).
 """
 
 from efficientsam_jax.data.precompute import get_precompute_config

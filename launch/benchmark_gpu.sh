@@ -7,10 +7,10 @@
 # sami_smoke inference everything. Each part runs under its own time limit so one slow part cannot
 # starve the rest: the SAMI ViT-S step with each attention/LayerNorm/GELU implementation side by side
 # (models/layers.py Kernels), the SAMI train step per student size (img/s, MFU; bf16, batch 256/device), the teacher
-# precompute (ViT-H views/s), the finetuning step (EfficientSAM-Ti/S, 8 images × 64 masks per
+# precompute (ViT-H views/s, XLA and cuDNN attention), the finetuning step (EfficientSAM-Ti/S, 8 images × 64 masks per
 # device), ViT-S at batch 512 and with remat, the SAMI input pipeline, the README's SAMI smoke job
 # end to end, the inference benchmark, segment-everything against the notebook's approach.
-# All parts together take ~18 min: give them to the device tool (600 s per call) in two or three calls,
+# All parts together take ~20 min: give them to the device tool (600 s per call) in two or three calls,
 # most informative first (e.g. "sami_kernels sami", then "teacher finetune sami_options", ...).
 # WHEELS_DIR: wheels of packages the machine lacks, installed to /tmp/site first (for machines
 # without a package index).
@@ -40,8 +40,8 @@ for part in $parts; do
       --kernels "default;layer_norm=one_pass;layer_norm=one_pass,gelu=tanh;attention=cudnn,layer_norm=one_pass;\
 attention=cudnn,layer_norm=one_pass,gelu=tanh" --json "$out/sami_kernels.json" ;;
     sami) run sami 140 $bench sami --variants ti,s,b --batch-per-device 256 --json "$out/sami_bf16.json" ;;
-    teacher) run teacher 100 $bench teacher --modes upsample,native --batch-per-device 32 --steps 3 \
-      --repeats 2 --json "$out/teacher.json" ;;
+    teacher) run teacher 200 $bench teacher --modes upsample,native --attention xla,cudnn --batch-per-device 32 \
+      --steps 3 --repeats 2 --json "$out/teacher.json" ;;
     finetune) run finetune 150 $bench finetune --variants ti,s --batch-per-device 8 --masks 64 \
       --json "$out/finetune.json" ;;
     sami_options)

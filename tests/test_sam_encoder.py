@@ -73,6 +73,29 @@ def test_runs_at_another_input_size(small):
   np.testing.assert_allclose(np.transpose(native, (0, 3, 1, 2)), ref["features"][:1], atol=2e-4 * np.abs(ref["features"]).max())
 
 
+def test_fused_attention_form_matches_official_encoder(small, monkeypatch):
+  """attention="cudnn" folds the relative positions into q·k (``fold_relative_positions``) for cuDNN's
+  fused kernel. With jax's XLA kernel swapped in for it (no cuDNN here), the encoder still matches
+  segment-anything's, in the global blocks and in the padded windows of a 224 view."""
+  config, state_dict, ref = small
+  params = {"params": encoder_params_from_state_dict(state_dict, config)}
+  view = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
+  official_form = SamImageEncoder(config).apply(params, view)
+  real, kernels = jax.nn.dot_product_attention, []
+
+  def xla_kernel(*args, implementation=None, **kwargs):
+    kernels.append(implementation)
+    return real(*args, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", xla_kernel)
+  fused = SamImageEncoder(config, attention="cudnn")
+  native = fused.apply(params, np.transpose(ref["input"], (0, 2, 3, 1)))
+  scale = np.abs(ref["features"]).max()
+  np.testing.assert_allclose(np.transpose(native, (0, 3, 1, 2)), ref["features"], atol=2e-4 * scale)
+  np.testing.assert_allclose(fused.apply(params, view), official_form, atol=1e-5 * scale)
+  assert kernels == ["cudnn"] * (2 * config.depth)
+
+
 def test_window_partition_round_trip_with_padding():
   x = np.random.default_rng(0).normal(size=(2, 16, 13, 5)).astype(np.float32)
   windows, padded = window_partition(x, 6)

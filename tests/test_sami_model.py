@@ -68,6 +68,25 @@ def test_kernels_change_the_computation_not_the_parameters():
     Kernels(attention="flash")
 
 
+def test_cudnn_attention_call_matches_ours(monkeypatch):
+  """``attention="cudnn"`` hands [B, T, N, H] to ``jax.nn.dot_product_attention``; with its XLA kernel swapped
+  in for cuDNN's (none here) the SAMI model's outputs are ours."""
+  config = SamiConfig(**TINY)
+  images, mask_rng = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3)), jax.random.PRNGKey(1)
+  params = SamiModel(config).init(jax.random.PRNGKey(2), images, mask_rng)
+  reference, _ = SamiModel(config).apply(params, images, mask_rng)
+  real, kernels = jax.nn.dot_product_attention, []
+
+  def xla_kernel(*args, implementation=None, **kwargs):
+    kernels.append(implementation)
+    return real(*args, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", xla_kernel)
+  predictions, _ = SamiModel(config, kernels=Kernels(attention="cudnn")).apply(params, images, mask_rng)
+  np.testing.assert_allclose(predictions, reference, atol=1e-5 * float(jnp.abs(reference).max()))
+  assert kernels == ["cudnn"] * (TINY["encoder_depth"] + TINY["decoder_depth"])
+
+
 def test_config_mask_ratio():
   assert SamiConfig().num_visible == 49  # 25% of 196 tokens at 224
   assert SamiConfig(mask_ratio=0.5).num_visible == 98

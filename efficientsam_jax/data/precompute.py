@@ -29,13 +29,15 @@ from efficientsam_jax.train import sharding
 from efficientsam_jax.train.metrics import format_eta
 
 
-def make_teacher_fn(model, params, mode: str, batch_size: int, dtype=jnp.float32) -> Callable:
+def make_teacher_fn(model, params, mode: str, batch_size: int, dtype=jnp.float32,
+                    attention: str = "xla") -> Callable:
   """uint8 views [n ≤ batch_size, S, S, 3] → float16 features [n, g, g, C], data-parallel over devices.
 
   ``dtype`` is the teacher's compute dtype (parameters stay as given, cast per
-  matmul): bfloat16 runs the GEMMs on the tensor cores' bf16 path.
+  matmul): bfloat16 runs the GEMMs on the tensor cores' bf16 path. ``attention``:
+  "xla" or "cudnn" (``sam_vit.SamAttention``: fused, the logits never materialized).
   """
-  model = model.clone(dtype=dtype)
+  model = model.clone(dtype=dtype, attention=attention)
   mesh = sharding.make_mesh({"data": -1}, jax.local_devices())
   if batch_size % mesh.size:
     raise ValueError(f"batch_size {batch_size} must be a multiple of the {mesh.size} local devices")
@@ -187,10 +189,11 @@ def run_precompute(config, workdir: str) -> dict:
   model, params, description = build_teacher(config.teacher)
   print(f"teacher: {description}; alignment: {config.teacher.mode}")
   dtype = jnp.dtype(config.teacher.dtype)
-  teacher_fn = make_teacher_fn(model, params, config.teacher.mode, config.batch_size, dtype)
+  teacher_fn = make_teacher_fn(model, params, config.teacher.mode, config.batch_size, dtype,
+                               config.teacher.attention)
   hashed = {k: config[k] for k in ("views_per_image", "size", "seed", "num_shards")}
-  hashed.update(source=source_key, teacher=description, mode=config.teacher.mode,
-                dtype=str(dtype), teacher_config=model.config.to_dict())
+  hashed.update(source=source_key, teacher=description, mode=config.teacher.mode, dtype=str(dtype),
+                attention=config.teacher.attention, teacher_config=model.config.to_dict())
   output_dir = config.output_dir or os.path.join(workdir, "teacher_records")
   summary = precompute(sources, output_dir, teacher_fn, num_shards=min(config.num_shards, len(sources)),
                        views_per_image=config.views_per_image, size=config.size, seed=config.seed,
@@ -222,6 +225,7 @@ def get_precompute_config(arg=None) -> ml_collections.ConfigDict:
       "checkpoint": "",  # weights directory from `convert sam-to-jax`; empty: random teacher below
       "mode": "upsample",
       "dtype": "bfloat16",
+      "attention": "xla",  # "cudnn": fused attention on NVIDIA GPUs (bf16); see models/sam_vit.py SamAttention
       "random_seed": 0,
       "random_config": {"img_size": 1024, "embed_dim": 1280, "depth": 32, "num_heads": 16,
                         "global_attn_indexes": (7, 15, 23, 31)},

@@ -81,12 +81,45 @@ def relative_position_bias_table(rel_pos: jax.Array, size: int) -> jax.Array:
   return rel_pos[index]
 
 
+def fold_relative_positions(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[jax.Array],
+                            rel_w: Optional[jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """SAM's attention as plain softmax(q'·k') v' with no bias, for a fused (flash) attention kernel.
+
+  q, k, v [b, h, w, n, d]; rel_h [h, h, d], rel_w [w, w, d] (``relative_position_bias_table``) or None.
+  SAM's logit for query (i, j) and key (x, y) is scale·q·k + q·rel_h[i, x] + q·rel_w[j, y]; with
+  q' = [scale·q, q·rel_h[i, :], q·rel_w[j, :]] and k' = [k, onehot(x), onehot(y)], q'·k' is exactly
+  that. v' is v zero-padded to the width of q' (the kernels want one head dim), which also is padded
+  to a multiple of 8. Returns q', k', v' as [b, h·w, n, d'].
+  """
+  b, h, w, n, d = q.shape
+  parts_q, parts_k = [q * d ** -0.5], [k]
+  if rel_h is not None:
+    parts_q += [jnp.einsum("bhwnd,hxd->bhwnx", q, rel_h.astype(q.dtype)),
+                jnp.einsum("bhwnd,wyd->bhwny", q, rel_w.astype(q.dtype))]
+    onehot_x = jnp.broadcast_to(jnp.eye(h, dtype=k.dtype)[:, None, None, :], (b, h, w, n, h))
+    onehot_y = jnp.broadcast_to(jnp.eye(w, dtype=k.dtype)[None, :, None, :], (b, h, w, n, w))
+    parts_k += [onehot_x, onehot_y]
+  width = sum(t.shape[-1] for t in parts_q)
+  pad = [jnp.zeros((b, h, w, n, -width % 8), q.dtype)]
+  q, k = jnp.concatenate(parts_q + pad, -1), jnp.concatenate(parts_k + pad, -1)
+  v = jnp.pad(v, ((0, 0),) * 4 + ((0, q.shape[-1] - d),))
+  return tuple(t.reshape(b, h * w, n, t.shape[-1]) for t in (q, k, v))
+
+
 class SamAttention(nn.Module):
+  """SAM's attention with decomposed relative positions.
+
+  ``attention`` "xla": the official computation, the [h·w, h·w] logits materialized; "cudnn": the same
+  function through ``fold_relative_positions`` and cuDNN's fused attention (NVIDIA GPUs, bf16/fp16),
+  which never materializes the logits (the 4096 × 4096 of the global blocks at 1024).
+  """
+
   num_heads: int
   qkv_bias: bool = True
   use_rel_pos: bool = True
   rel_pos_size: Optional[int] = None  # side of the (window or global) attention span at the native size
   dtype: Dtype = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -95,19 +128,26 @@ class SamAttention(nn.Module):
     qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
     qkv = qkv.reshape(b, h, w, 3, self.num_heads, head_dim)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # [b, h, w, heads, d]
-    logits = jnp.einsum("bhwnd,bxynd->bnhwxy", q * head_dim ** -0.5, k)
+    rel_h = rel_w = None
     if self.use_rel_pos:
       span = 2 * self.rel_pos_size - 1
       init = nn.initializers.zeros
       rel_h = relative_position_bias_table(self.param("rel_pos_h", init, (span, head_dim)), h)
       rel_w = relative_position_bias_table(self.param("rel_pos_w", init, (span, head_dim)), w)
-      # SAM adds q·R with the unscaled query.
-      bias_h = jnp.einsum("bhwnd,hxd->bnhwx", q, rel_h.astype(q.dtype))
-      bias_w = jnp.einsum("bhwnd,wyd->bnhwy", q, rel_w.astype(q.dtype))
-      logits = logits + bias_h[..., :, None] + bias_w[..., None, :]
-    logits = logits.reshape(b, self.num_heads, h * w, h * w).astype(jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bnqk,bknd->bqnd", weights, v.reshape(b, h * w, self.num_heads, head_dim))
+    if self.attention == "cudnn":
+      folded = fold_relative_positions(q, k, v, rel_h, rel_w)
+      out = jax.nn.dot_product_attention(*folded, scale=1.0, implementation="cudnn")[..., :head_dim]
+    elif self.attention == "xla":
+      logits = jnp.einsum("bhwnd,bxynd->bnhwxy", q * head_dim ** -0.5, k)
+      if self.use_rel_pos:  # SAM adds q·R with the unscaled query.
+        bias_h = jnp.einsum("bhwnd,hxd->bnhwx", q, rel_h.astype(q.dtype))
+        bias_w = jnp.einsum("bhwnd,wyd->bnhwy", q, rel_w.astype(q.dtype))
+        logits = logits + bias_h[..., :, None] + bias_w[..., None, :]
+      logits = logits.reshape(b, self.num_heads, h * w, h * w).astype(jnp.float32)
+      weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+      out = jnp.einsum("bnqk,bknd->bqnd", weights, v.reshape(b, h * w, self.num_heads, head_dim))
+    else:
+      raise ValueError(f"attention must be 'xla' or 'cudnn', got {self.attention!r}")
     return nn.Dense(dim, dtype=self.dtype, name="proj")(out.reshape(b, h, w, dim))
 
 
@@ -149,6 +189,7 @@ class SamBlock(nn.Module):
   rel_pos_size: int
   layer_norm_eps: float
   dtype: Dtype = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -159,7 +200,7 @@ class SamBlock(nn.Module):
     if self.window_size > 0:
       x, padded_hw = window_partition(x, self.window_size)
     x = SamAttention(self.num_heads, self.qkv_bias, self.use_rel_pos, self.rel_pos_size,
-                     dtype=self.dtype, name="attn")(x)
+                     dtype=self.dtype, attention=self.attention, name="attn")(x)
     if self.window_size > 0:
       x = window_unpartition(x, self.window_size, padded_hw, hw)
     x = shortcut + x
@@ -180,6 +221,7 @@ class SamImageEncoder(nn.Module):
   config: SamEncoderConfig
   dtype: Dtype = jnp.float32
   remat: bool = False
+  attention: str = "xla"  # "xla" or "cudnn" (SamAttention)
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -192,7 +234,7 @@ class SamImageEncoder(nn.Module):
       window = 0 if i in c.global_attn_indexes else c.window_size
       x = block_cls(c.num_heads, c.mlp_ratio, c.qkv_bias, c.use_rel_pos, window,
                     rel_pos_size=window or c.grid_size, layer_norm_eps=c.layer_norm_eps,
-                    dtype=self.dtype, name=f"blocks_{i}")(x)
+                    dtype=self.dtype, attention=self.attention, name=f"blocks_{i}")(x)
     x = nn.Conv(c.out_chans, (1, 1), use_bias=False, dtype=self.dtype, name="neck_0")(x)
     x = layer_norm(1e-6, "neck_1", self.dtype)(x)
     x = nn.Conv(c.out_chans, (3, 3), padding=1, use_bias=False, dtype=self.dtype, name="neck_2")(x)

@@ -22,7 +22,8 @@ SAM's losses, AdamW) at 1024² on random images and box-shaped masks:
 ms/step, img/s and masks/s (XLA's FLOP count beside it; no MFU yet).
 
 ``teacher``: the precompute job's jitted teacher (uint8 views in, fp16
-features out, host transfers included) on random ViT-H weights: views/s.
+features out, host transfers included) on random ViT-H weights: views/s;
+``--attention xla,cudnn`` also times SAM's attention through cuDNN's fused kernel.
 
 ``--profile DIR`` traces a few steps after the timing and prints the device
 ops that took the most time, with the JAX operation that made each.
@@ -311,21 +312,28 @@ def bench_teacher(args) -> list[dict]:
   print(f"teacher: {description}")
   batch = args.batch_per_device * jax.local_device_count()
   rows = []
-  for mode in args.modes:
-    apply = make_teacher_fn(model, params, mode, batch, jnp.dtype(args.dtype))
-    views = np.random.default_rng(0).integers(0, 256, (batch, args.size, args.size, 3), dtype=np.uint8)
-    start = time.perf_counter()
-    apply(views)
-    compile_s = time.perf_counter() - start
-    seconds = time_steps(lambda: apply(views), args.steps, args.repeats)  # pylint: disable=cell-var-from-loop
-    if args.profile:
-      profile_top_ops(lambda: apply(views), os.path.join(args.profile, f"teacher_{mode}"), calls=1)  # pylint: disable=cell-var-from-loop
-    row = {"mode": mode, "dtype": args.dtype, "batch": batch, "size": args.size,
-           "first_call_s": round(compile_s, 1), "ms_per_batch": round(1e3 * seconds, 1),
-           "views_per_s": round(batch / seconds, 1)}
+  for mode, attention in [(m, a) for m in args.modes for a in args.attention]:
+    try:
+      apply = make_teacher_fn(model, params, mode, batch, jnp.dtype(args.dtype), attention)
+      row = _bench_teacher_setting(args, apply, batch, f"teacher_{mode}_{attention}")
+    except Exception as e:  # pylint: disable=broad-except  # e.g. no cuDNN: go on with the next setting
+      row = {"error": f"{type(e).__name__}: {e}"[:400]}
+    row = {"mode": mode, "attention": attention, **row}
     rows.append(row)
     print(json.dumps(row), flush=True)
   return rows
+
+
+def _bench_teacher_setting(args, apply, batch: int, name: str) -> dict:
+  views = np.random.default_rng(0).integers(0, 256, (batch, args.size, args.size, 3), dtype=np.uint8)
+  start = time.perf_counter()
+  apply(views)
+  compile_s = time.perf_counter() - start
+  seconds = time_steps(lambda: apply(views), args.steps, args.repeats)
+  if args.profile:
+    profile_top_ops(lambda: apply(views), os.path.join(args.profile, name), calls=1)
+  return {"dtype": args.dtype, "batch": batch, "size": args.size, "first_call_s": round(compile_s, 1),
+          "ms_per_batch": round(1e3 * seconds, 1), "views_per_s": round(batch / seconds, 1)}
 
 
 def bench_sami_input(args) -> list[dict]:
@@ -394,6 +402,7 @@ def _parse_args(argv):
   teacher.add_argument("--modes", type=lambda s: s.split(","), default=["upsample", "native"])
   teacher.add_argument("--batch-per-device", type=int, default=16)
   teacher.add_argument("--dtype", default="bfloat16")
+  teacher.add_argument("--attention", type=lambda s: s.split(","), default=["xla"], help="xla,cudnn: compare both")
   teacher.add_argument("--size", type=int, default=224)
   data = sub.add_parser("sami-input", parents=[common])
   data.add_argument("--records", type=int, default=2048)
