@@ -10,7 +10,7 @@
 # precompute (ViT-H views/s, XLA and cuDNN attention), the finetuning step (EfficientSAM-Ti/S, 8 images × 64 masks per
 # device), ViT-S at batch 512 and with remat, the SAMI input pipeline, the README's SAMI smoke job
 # end to end, the inference benchmark, segment-everything against the notebook's approach.
-# All parts together take ~20 min: give them to the device tool (600 s per call) in two or three calls,
+# All parts together take ~23 min: give them to the device tool (600 s per call) in two or three calls,
 # most informative first (e.g. "sami_kernels sami", then "teacher finetune sami_options", ...).
 # WHEELS_DIR: wheels of packages the machine lacks, installed to /tmp/site first (for machines
 # without a package index).
@@ -42,8 +42,8 @@ attention=cudnn,layer_norm=one_pass,gelu=tanh" --json "$out/sami_kernels.json" ;
     sami) run sami 140 $bench sami --variants ti,s,b --batch-per-device 256 --json "$out/sami_bf16.json" ;;
     teacher) run teacher 200 $bench teacher --modes upsample,native --attention xla,cudnn --batch-per-device 32 \
       --steps 3 --repeats 2 --json "$out/teacher.json" ;;
-    finetune) run finetune 150 $bench finetune --variants ti,s --batch-per-device 8 --masks 64 \
-      --json "$out/finetune.json" ;;
+    finetune) run finetune 300 $bench finetune --variants ti,s --batch-per-device 8 --masks 64 \
+      --kernels "default;attention=cudnn" --json "$out/finetune.json" ;;
     sami_options)
       run sami_options 45 $bench sami --variants s --batch-per-device 512 --json "$out/sami_s512.json"
       run sami_options 45 $bench sami --variants s --batch-per-device 256 --remat --json "$out/sami_s_remat.json" ;;

@@ -14,6 +14,7 @@ from efficientsam_jax.convert import torch_io
 from efficientsam_jax.convert.efficient_sam import params_from_state_dict
 from efficientsam_jax.models import EfficientSam, EfficientSamConfig
 from efficientsam_jax.models import efficient_sam as es
+from efficientsam_jax.models.layers import Kernels
 from conftest import SHARED_FIXTURES, TINY_DIR
 
 TOLERANCE = 2e-4
@@ -49,6 +50,12 @@ def check_fixture(model, params, ref):
 
 def test_tiny_fixture(tiny_model, tiny_reference):
   check_fixture(*tiny_model, tiny_reference)
+
+
+def test_tiny_fixture_with_the_training_kernels(tiny_model, tiny_reference):
+  """The one-pass LayerNorm (a ``config.kernels`` choice of the training jobs) keeps the official outputs."""
+  model, params = tiny_model
+  check_fixture(model.clone(encoder_kernels=Kernels(layer_norm="one_pass")), params, tiny_reference)
 
 
 def test_ti_fixture():

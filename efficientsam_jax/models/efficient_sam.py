@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficientsam_jax.common.config import JsonConfig
+from efficientsam_jax.models.layers import Kernels
 from efficientsam_jax.models.mask_decoder import MaskDecoder
 from efficientsam_jax.models.prompt_encoder import PromptEncoder
 from efficientsam_jax.models.resize import resize
@@ -87,13 +88,14 @@ class EfficientSam(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   drop_path_rate: float = 0.0  # encoder stochastic depth; active only with a "drop_path" RNG (training)
+  encoder_kernels: Kernels = Kernels()  # how the image encoder's blocks compute (layers.Kernels; same parameters)
 
   def setup(self):
     c = self.config
     self.image_encoder = ImageEncoderViT(
         img_size=c.img_size, embed_dim=c.encoder_embed_dim, depth=c.encoder_depth,
         num_heads=c.encoder_num_heads, neck_dim=c.decoder_dim, patch_size=c.patch_size,
-        dtype=self.dtype, remat=self.remat, drop_path_rate=self.drop_path_rate)
+        dtype=self.dtype, remat=self.remat, drop_path_rate=self.drop_path_rate, kernels=self.encoder_kernels)
     self.prompt_encoder = PromptEncoder(embed_dim=c.decoder_dim, input_image_size=c.img_size)
     self.mask_decoder = MaskDecoder(
         transformer_dim=c.decoder_dim, num_heads=c.decoder_num_heads, mlp_dim=c.decoder_mlp_dim,

@@ -12,8 +12,9 @@ cost analysis beside it) and MFU = model FLOPs / time / peak, where peak is
 the accelerator's dense bf16 rate (``PEAK_TFLOPS`` by device kind, or
 ``--peak-tflops``); no MFU on CPU. ``--compile-only`` stops after compiling and
 prints the FLOPs and XLA's memory estimate (check a big config fits).
-``--kernels`` compares implementations side by side (``layers.Kernels``, same
-parameters): sets separated by ``;``, each ``default`` or ``key=value,...``, e.g.
+``--kernels`` (``sami``, ``finetune``: the student / image encoder) compares implementations
+side by side (``layers.Kernels``, same parameters): sets separated by ``;``, each ``default`` or
+``key=value,...``, e.g.
 ``--kernels "default;layer_norm=one_pass,gelu=tanh;attention=cudnn,layer_norm=one_pass"``.
 
 ``finetune``: the real jitted EfficientSAM finetuning step (encoder once,
@@ -196,23 +197,35 @@ def _describe(device: jax.Device) -> str:
   return f"{jax.device_count()} × {device.device_kind} ({device.platform}), jax {jax.__version__}"
 
 
-def bench_sami(args) -> list[dict]:
-  mesh_axes = {"data": -1, "fsdp": args.fsdp}
-  peak = peak_tflops(jax.devices()[0], args.peak_tflops)
+def each_setting(settings: Sequence[dict], measure) -> list[dict]:
+  """``measure(**setting)`` for each setting, one printed JSON row each (the setting, then its figures).
+
+  A setting that fails (e.g. cuDNN's attention refusing a shape, or no cuDNN) gives a row with its
+  error and the others still run.
+  """
   rows = []
-  for variant in args.variants:
-    for kernels in args.kernels:
-      try:
-        row = _bench_sami_setting(args, variant, kernels, mesh_axes, peak, len(rows))
-      except Exception as e:  # pylint: disable=broad-except  # e.g. cuDNN attention refusing a shape: go on
-        row = {"variant": variant, "kernels": dataclasses.asdict(kernels), "error": f"{type(e).__name__}: {e}"[:400]}
-      rows.append(row)
-      print(json.dumps(row), flush=True)
+  for setting in settings:
+    try:
+      figures = measure(**setting)
+    except Exception as e:  # pylint: disable=broad-except
+      figures = {"error": f"{type(e).__name__}: {e}"[:400]}
+    row = {key: dataclasses.asdict(value) if isinstance(value, Kernels) else value for key, value in setting.items()}
+    rows.append({**row, **figures})
+    print(json.dumps(rows[-1]), flush=True)
   return rows
 
 
-def _bench_sami_setting(args, variant: str, kernels: Kernels, mesh_axes: dict, peak: Optional[float],
-                        index: int) -> dict:
+def _kernels_name(kernels: Kernels) -> str:
+  return f"{kernels.attention}_{kernels.layer_norm}_{kernels.gelu}"
+
+
+def bench_sami(args) -> list[dict]:
+  peak = peak_tflops(jax.devices()[0], args.peak_tflops)
+  settings = [{"variant": v, "kernels": k} for v in args.variants for k in args.kernels]
+  return each_setting(settings, lambda variant, kernels: _bench_sami_setting(args, variant, kernels, peak))
+
+
+def _bench_sami_setting(args, variant: str, kernels: Kernels, peak: Optional[float]) -> dict:
   # pylint: disable=import-outside-toplevel
   from efficientsam_jax.models.sami import SamiConfig, SamiModel
   from efficientsam_jax.train import sharding
@@ -221,7 +234,7 @@ def _bench_sami_setting(args, variant: str, kernels: Kernels, mesh_axes: dict, p
   from efficientsam_jax.train.sami import make_train_step
   from efficientsam_jax.train.state import create_train_state
 
-  mesh = sharding.make_mesh(mesh_axes)
+  mesh = sharding.make_mesh({"data": -1, "fsdp": args.fsdp})
   config = SamiConfig.from_variant(variant)
   batch = args.batch_per_device * jax.device_count()
   model = SamiModel(config, dtype=jnp.dtype(args.dtype), remat=args.remat, kernels=kernels)
@@ -241,21 +254,30 @@ def _bench_sami_setting(args, variant: str, kernels: Kernels, mesh_axes: dict, p
   compiled = step.lower(state, data, rng).compile()
   compile_s = time.perf_counter() - start
   flops = sami_train_flops_per_image(config) * batch / jax.device_count()  # per device
-  xla_flops, xla_bytes = compiled_cost(compiled), compiled_cost(compiled, "bytes accessed")
-  row = {"variant": variant, "kernels": dataclasses.asdict(kernels), "dtype": args.dtype, "remat": args.remat,
-         "batch": batch, "compile_s": round(compile_s, 1), "model_gflop_per_step": round(flops / 1e9, 1),
-         "xla_gflop_per_step": xla_flops and round(xla_flops / 1e9, 1),
-         "xla_gbytes_per_step": xla_bytes and round(xla_bytes / 1e9, 2),
-         "xla_mem_gib": compiled_memory_gib(compiled)}
+  row = {"dtype": args.dtype, "remat": args.remat, "batch": batch, "compile_s": round(compile_s, 1),
+         "model_gflop_per_step": round(flops / 1e9, 1), **_compiled_figures(compiled)}
   if not args.compile_only:
-    seconds = time_train_step(compiled, state, data, rng, args, f"sami_{variant}_{index}")
+    seconds = time_train_step(compiled, state, data, rng, args, f"sami_{variant}_{_kernels_name(kernels)}")
     row.update(ms_per_step=round(1e3 * seconds, 2), img_per_s=round(batch / seconds, 1))
     if peak:
       row["mfu"] = round(flops / seconds / (peak * 1e12), 4)
   return row
 
 
+def _compiled_figures(compiled) -> dict:
+  """XLA's FLOPs, bytes accessed and memory estimate of a compiled step."""
+  flops, bytes_accessed = compiled_cost(compiled), compiled_cost(compiled, "bytes accessed")
+  return {"xla_gflop_per_step": flops and round(flops / 1e9, 1),
+          "xla_gbytes_per_step": bytes_accessed and round(bytes_accessed / 1e9, 2),
+          "xla_mem_gib": compiled_memory_gib(compiled)}
+
+
 def bench_finetune(args) -> list[dict]:
+  settings = [{"variant": v, "kernels": k} for v in args.variants for k in args.kernels]
+  return each_setting(settings, lambda variant, kernels: _bench_finetune_setting(args, variant, kernels))
+
+
+def _bench_finetune_setting(args, variant: str, kernels: Kernels) -> dict:
   # pylint: disable=import-outside-toplevel
   from efficientsam_jax.models.efficient_sam import EfficientSam, EfficientSamConfig, init_params
   from efficientsam_jax.train import sharding
@@ -266,42 +288,36 @@ def bench_finetune(args) -> list[dict]:
   from efficientsam_jax.train.state import create_train_state
 
   mesh = sharding.make_mesh({"data": -1, "fsdp": args.fsdp})
-  rows = []
-  for variant in args.variants:
-    job = get_finetune_config(variant)
-    job.loss.correction_steps = args.correction_steps
-    config = EfficientSamConfig.from_variant(variant)
-    model = EfficientSam(config, dtype=jnp.dtype(args.dtype), remat=args.remat)
-    batch = args.batch_per_device * jax.device_count()
-    tx, schedule = make_optimizer({"optimizer": job.optimizer.to_dict(), "global_batch_size": batch,
-                                   "total_steps": 1000, "lr": {**job.lr.to_dict(), "warmup_steps": 0}})
-    params = init_params(model, jax.random.PRNGKey(0))
-    state, shardings = create_train_state(lambda rng: params, tx, jax.random.PRNGKey(0), mesh)  # pylint: disable=cell-var-from-loop
-    step = jit_train_step(make_train_step(model, tx, schedule, job.loss), shardings, sharding.batch_sharding(mesh),
-                          sharding.replicated(mesh))
-    grid, side = config.low_res_size, config.img_size
-    corner = jax.random.randint(jax.random.PRNGKey(1), (batch, args.masks, 2), 0, grid // 2)
-    ys, xs = jnp.arange(grid)[:, None], jnp.arange(grid)[None, :]
-    y0, x0 = corner[..., 0, None, None], corner[..., 1, None, None]
-    masks = ((ys >= y0) & (ys < y0 + grid // 4) & (xs >= x0) & (xs < x0 + grid // 3)).astype(jnp.uint8)
-    boxes = jnp.stack([x0[..., 0, 0], y0[..., 0, 0], x0[..., 0, 0] + grid // 3, y0[..., 0, 0] + grid // 4],
-                      -1).astype(jnp.float32) * (side / grid)
-    data = {"image": jax.random.randint(jax.random.PRNGKey(2), (batch, side, side, 3), 0, 256).astype(jnp.uint8),
-            "masks": masks, "valid": jnp.ones((batch, args.masks), bool), "boxes": boxes}
-    data = jax.device_put(data, sharding.batch_sharding(mesh))
-    rng = jax.random.PRNGKey(3)
-    start = time.perf_counter()
-    compiled = step.lower(state, data, rng).compile()
-    row = {"variant": variant, "dtype": args.dtype, "batch": batch, "masks_per_image": args.masks,
-           "rounds": 1 + args.correction_steps, "compile_s": round(time.perf_counter() - start, 1),
-           "xla_gflop_per_step": compiled_cost(compiled) and round(compiled_cost(compiled) / 1e9, 1),
-           "xla_mem_gib": compiled_memory_gib(compiled)}
-    seconds = time_train_step(compiled, state, data, rng, args, f"finetune_{variant}")
-    row.update(ms_per_step=round(1e3 * seconds, 1), img_per_s=round(batch / seconds, 2),
-               masks_per_s=round(batch * args.masks / seconds, 1))
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-  return rows
+  job = get_finetune_config(variant)
+  job.loss.correction_steps = args.correction_steps
+  config = EfficientSamConfig.from_variant(variant)
+  model = EfficientSam(config, dtype=jnp.dtype(args.dtype), remat=args.remat, encoder_kernels=kernels)
+  batch = args.batch_per_device * jax.device_count()
+  tx, schedule = make_optimizer({"optimizer": job.optimizer.to_dict(), "global_batch_size": batch,
+                                 "total_steps": 1000, "lr": {**job.lr.to_dict(), "warmup_steps": 0}})
+  params = init_params(model, jax.random.PRNGKey(0))
+  state, shardings = create_train_state(lambda rng: params, tx, jax.random.PRNGKey(0), mesh)
+  step = jit_train_step(make_train_step(model, tx, schedule, job.loss), shardings, sharding.batch_sharding(mesh),
+                        sharding.replicated(mesh))
+  grid, side = config.low_res_size, config.img_size
+  corner = jax.random.randint(jax.random.PRNGKey(1), (batch, args.masks, 2), 0, grid // 2)
+  ys, xs = jnp.arange(grid)[:, None], jnp.arange(grid)[None, :]
+  y0, x0 = corner[..., 0, None, None], corner[..., 1, None, None]
+  masks = ((ys >= y0) & (ys < y0 + grid // 4) & (xs >= x0) & (xs < x0 + grid // 3)).astype(jnp.uint8)
+  boxes = jnp.stack([x0[..., 0, 0], y0[..., 0, 0], x0[..., 0, 0] + grid // 3, y0[..., 0, 0] + grid // 4],
+                    -1).astype(jnp.float32) * (side / grid)
+  data = {"image": jax.random.randint(jax.random.PRNGKey(2), (batch, side, side, 3), 0, 256).astype(jnp.uint8),
+          "masks": masks, "valid": jnp.ones((batch, args.masks), bool), "boxes": boxes}
+  data = jax.device_put(data, sharding.batch_sharding(mesh))
+  rng = jax.random.PRNGKey(3)
+  start = time.perf_counter()
+  compiled = step.lower(state, data, rng).compile()
+  row = {"dtype": args.dtype, "batch": batch, "masks_per_image": args.masks, "rounds": 1 + args.correction_steps,
+         "compile_s": round(time.perf_counter() - start, 1), **_compiled_figures(compiled)}
+  seconds = time_train_step(compiled, state, data, rng, args, f"finetune_{variant}_{_kernels_name(kernels)}")
+  row.update(ms_per_step=round(1e3 * seconds, 1), img_per_s=round(batch / seconds, 2),
+             masks_per_s=round(batch * args.masks / seconds, 1))
+  return row
 
 
 def bench_teacher(args) -> list[dict]:
@@ -311,29 +327,20 @@ def bench_teacher(args) -> list[dict]:
   model, params, description = build_teacher(teacher_config)
   print(f"teacher: {description}")
   batch = args.batch_per_device * jax.local_device_count()
-  rows = []
-  for mode, attention in [(m, a) for m in args.modes for a in args.attention]:
-    try:
-      apply = make_teacher_fn(model, params, mode, batch, jnp.dtype(args.dtype), attention)
-      row = _bench_teacher_setting(args, apply, batch, f"teacher_{mode}_{attention}")
-    except Exception as e:  # pylint: disable=broad-except  # e.g. no cuDNN: go on with the next setting
-      row = {"error": f"{type(e).__name__}: {e}"[:400]}
-    row = {"mode": mode, "attention": attention, **row}
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-  return rows
 
+  def measure(mode: str, attention: str) -> dict:
+    apply = make_teacher_fn(model, params, mode, batch, jnp.dtype(args.dtype), attention)
+    views = np.random.default_rng(0).integers(0, 256, (batch, args.size, args.size, 3), dtype=np.uint8)
+    start = time.perf_counter()
+    apply(views)
+    compile_s = time.perf_counter() - start
+    seconds = time_steps(lambda: apply(views), args.steps, args.repeats)
+    if args.profile:
+      profile_top_ops(lambda: apply(views), os.path.join(args.profile, f"teacher_{mode}_{attention}"), calls=1)
+    return {"dtype": args.dtype, "batch": batch, "size": args.size, "first_call_s": round(compile_s, 1),
+            "ms_per_batch": round(1e3 * seconds, 1), "views_per_s": round(batch / seconds, 1)}
 
-def _bench_teacher_setting(args, apply, batch: int, name: str) -> dict:
-  views = np.random.default_rng(0).integers(0, 256, (batch, args.size, args.size, 3), dtype=np.uint8)
-  start = time.perf_counter()
-  apply(views)
-  compile_s = time.perf_counter() - start
-  seconds = time_steps(lambda: apply(views), args.steps, args.repeats)
-  if args.profile:
-    profile_top_ops(lambda: apply(views), os.path.join(args.profile, name), calls=1)
-  return {"dtype": args.dtype, "batch": batch, "size": args.size, "first_call_s": round(compile_s, 1),
-          "ms_per_batch": round(1e3 * seconds, 1), "views_per_s": round(batch / seconds, 1)}
+  return each_setting([{"mode": m, "attention": a} for m in args.modes for a in args.attention], measure)
 
 
 def bench_sami_input(args) -> list[dict]:
@@ -381,6 +388,8 @@ def _parse_args(argv):
   common.add_argument("--json", default="", help="also write the rows to this file")
   common.add_argument("--profile", default="", help="trace a few steps into this directory and print the top ops")
   sami = sub.add_parser("sami", parents=[common])
+  sami.add_argument("--kernels", type=parse_kernels, default=[Kernels(layer_norm="one_pass")],
+                    help="';'-separated implementation sets to compare (default: the SAMI configs' choice)")
   sami.add_argument("--variants", type=lambda s: s.split(","), default=["ti", "s", "b"])
   sami.add_argument("--batch-per-device", type=int, default=256)
   sami.add_argument("--dtype", default="bfloat16")
@@ -388,9 +397,9 @@ def _parse_args(argv):
   sami.add_argument("--fsdp", type=int, default=1)
   sami.add_argument("--peak-tflops", type=float, default=0.0, help="override the per-chip bf16 peak")
   sami.add_argument("--compile-only", action="store_true")
-  sami.add_argument("--kernels", type=parse_kernels, default=[Kernels(layer_norm="one_pass")],
-                    help="';'-separated implementation sets to compare (default: the SAMI configs' choice)")
   finetune = sub.add_parser("finetune", parents=[common])
+  finetune.add_argument("--kernels", type=parse_kernels, default=[Kernels()],
+                        help="';'-separated implementation sets of the image encoder to compare")
   finetune.add_argument("--variants", type=lambda s: s.split(","), default=["ti", "s"])
   finetune.add_argument("--batch-per-device", type=int, default=8)
   finetune.add_argument("--masks", type=int, default=64, help="masks per image")

@@ -226,6 +226,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   from efficientsam_jax.data.sa1b import SA1BIndex, SkipStats, find_sources, sa1b_dataset
   from efficientsam_jax.models.efficient_sam import EfficientSamConfig
   from efficientsam_jax.models.pretrained import save_pretrained
+  from efficientsam_jax.models.layers import Kernels
   from efficientsam_jax.train import sharding
   from efficientsam_jax.train.loop import jit_train_step, optimizer_for, train_loop
   from efficientsam_jax.train.state import create_train_state
@@ -237,7 +238,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise ValueError("set data.sources to SA-1B tar files or folders (or use the :smoke config)")
   model_config = EfficientSamConfig(**config.model.to_dict())
   model = EfficientSam(model_config, dtype=jnp.dtype(config.dtype), remat=config.remat,
-                       drop_path_rate=config.drop_path_rate)
+                       drop_path_rate=config.drop_path_rate, encoder_kernels=Kernels(**config.kernels.to_dict()))
   data_options = dict(image_size=model_config.img_size, mask_size=config.data.mask_size or
                       model_config.low_res_size, max_masks=config.data.max_masks,
                       max_area_fraction=config.data.max_area_fraction)

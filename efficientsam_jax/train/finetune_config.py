@@ -35,6 +35,10 @@ def get_finetune_config(variant: str, arg=None) -> ml_collections.ConfigDict:
   config.dtype = "bfloat16"
   config.remat = False
   config.drop_path_rate = 0.0  # encoder stochastic depth (linear over the blocks); the paper uses none
+  # How the image encoder's blocks compute (models/layers.py Kernels, same parameters): attention "xla" or
+  # "cudnn" (NVIDIA GPUs, bf16: the 4096-token attention at 1024 without materialized logits); LayerNorm
+  # "two_pass" (PyTorch's) or "one_pass" (no gain measured here: the attention dominates). The GELU stays exact.
+  config.kernels = ml_collections.ConfigDict({"attention": "xla", "layer_norm": "two_pass"})
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   config.global_batch_size = 128
   config.num_epochs = 5
