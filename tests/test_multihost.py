@@ -36,3 +36,18 @@ def test_two_process_sami_smoke_job(tmp_path):
   assert len([n for n in records if n.endswith(".tfrecord")]) == 2
   assert "6" in os.listdir(tmp_path / "checkpoints")
   assert os.path.isdir(tmp_path / "efficientsam_student") and "exported the student" not in outputs[1]
+
+
+def test_process_sum_over_two_processes():
+  address = f"localhost:{_free_port()}"
+  script = ("import sys, jax; jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2])); "
+            "from efficientsam_jax.common.multihost import process_sum; "
+            "print('sum', process_sum(5 + 10 * int(sys.argv[2])))")
+  env = {**os.environ, "PYTHONPATH": os.path.abspath(REPO)}
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, "-c", script, address, str(i)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+    assert "sum 20" in out.splitlines()[-1], out[-3000:]

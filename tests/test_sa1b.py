@@ -231,6 +231,38 @@ def test_damaged_tars_keep_the_readable_members_and_report_the_loss(data, tmp_pa
   assert "indexed the 3 readable samples" in caplog.text
 
 
+def test_tar_index_cache_skips_the_scan_and_reports_the_same_losses(data, tmp_path, monkeypatch):
+  source = os.path.join(data[1], "sa_000000.tar")
+  with open(source, "rb") as f:
+    payload = f.read()
+  _, header, _, _ = _tar_members(source)[2]
+  good, damaged = str(tmp_path / "good.tar"), str(tmp_path / "damaged.tar")
+  with open(good, "wb") as f:
+    f.write(payload)
+  with open(damaged, "wb") as f:  # sa_2.jpg's header overwritten
+    f.write(payload[:header] + b"\xff" * 512 + payload[header + 512:])
+  cache = str(tmp_path / "index_cache")
+  scans = []
+  real_scan = sa1b._index_tar
+  monkeypatch.setattr(sa1b, "_index_tar", lambda path, stats: scans.append(path) or real_scan(path, stats))
+
+  first_stats, again_stats = sa1b.SkipStats(), sa1b.SkipStats()
+  first = sa1b.SA1BIndex([good, damaged], first_stats, cache_dir=cache)
+  assert scans == [good, damaged] and len(os.listdir(cache)) == 2
+  again = sa1b.SA1BIndex([good, damaged], again_stats, cache_dir=cache)
+  assert scans == [good, damaged]  # read from the cache, not scanned
+  assert len(again) == len(first) == 4 + 3
+  assert [again.name(i) for i in range(len(again))] == [first.name(i) for i in range(len(first))]
+  assert [again.read(i) for i in range(len(again))] == [first.read(i) for i in range(len(first))]
+  assert again_stats.skipped == first_stats.skipped == {"damaged_tar": 1, "unpaired_member": 1}
+
+  # A tar that changed (new modification time) is scanned again, under a new key.
+  info = os.stat(good)
+  os.utime(good, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
+  sa1b.SA1BIndex([good, damaged], cache_dir=cache)
+  assert scans == [good, damaged, good] and len(os.listdir(cache)) == 3
+
+
 def test_multi_host_split_is_disjoint_and_covering(data):
   _, tars = data
   sources = sa1b.find_sources([tars])

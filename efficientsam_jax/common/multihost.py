@@ -29,6 +29,14 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def process_sum(value: int) -> int:
+  """The sum of an integer over every JAX process (each passes its own); every process must call it."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+
+
 def host_copy(tree):
   """Numpy copies of a pytree of (possibly multi-process) arrays; every process must call it.
 

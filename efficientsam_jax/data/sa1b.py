@@ -2,7 +2,10 @@
 
 Sources are what the release gives: ``.tar`` shards (uncompressed; their headers
 are scanned once and members are then read by seek + read, so no extraction and
-true random access) or folders of ``sa_<id>.jpg`` + ``sa_<id>.json``.
+true random access) or folders of ``sa_<id>.jpg`` + ``sa_<id>.json``. With a
+``cache_dir`` a tar's index (member offsets, and what damage it found) is kept in
+a small file keyed by the tar's path, size and modification time, so a restarted
+job does not read the tars' headers again.
 ``find_sources`` expands a folder of shards or of extracted shard folders; in a
 multi-host job process ``i`` of ``n`` reads ``sources[i::n]`` (sorted).
 
@@ -48,6 +51,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -61,6 +65,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from efficientsam_jax.common.files import atomic_file
 from efficientsam_jax.common.images import ImageSizeError, decode_image
 from efficientsam_jax.models.resize import bilinear_taps
 
@@ -310,6 +315,46 @@ def _read_range(path: str, offset: int, size: int) -> bytes:
   return data
 
 
+class _SkipRecorder:
+  """Collects ``skip`` calls (a ``SkipStats`` stand-in) to store them with a cached tar index."""
+
+  def __init__(self):
+    self.events: list[tuple[str, str, str]] = []
+
+  def skip(self, reason: str, name: str, detail: str = "") -> None:
+    self.events.append((reason, name, detail))
+
+
+_INDEX_CACHE_VERSION = 1
+
+
+def _index_tar_cached(path: str, stats: SkipStats, cache_dir: str) -> _Part:
+  """``_index_tar`` through a cache file in ``cache_dir`` keyed by the tar's absolute path, size and mtime.
+
+  The file holds the member offsets and the problems the scan found; those are reported again (to
+  ``stats``) on every load, as a fresh scan would. A tar that changed gets a new key, so a new scan; one
+  that could not be opened at all is not cached (the cause may be passing).
+  """
+  info = os.stat(path)
+  key = hashlib.sha256(f"{_INDEX_CACHE_VERSION}\0{os.path.abspath(path)}\0{info.st_size}\0{info.st_mtime_ns}"
+                       .encode()).hexdigest()[:20]
+  cache = os.path.join(cache_dir, f"{os.path.basename(path)}.{key}.npz")
+  if os.path.exists(cache):
+    with np.load(cache) as data:
+      part = _Part(path, True, data["stems"].astype(bytes), data["jpg"], data["json"])
+      events = json.loads(str(data["events"]))
+  else:
+    recorder = _SkipRecorder()
+    part = _index_tar(path, recorder)
+    events = recorder.events
+    if not any(reason == "unreadable_source" for reason, _, _ in events):
+      with atomic_file(cache) as tmp, open(tmp, "wb") as f:
+        np.savez(f, stems=part.stems, jpg=part.jpg, json=part.json, events=np.array(json.dumps(events)))
+  for event in events:
+    stats.skip(*event)
+  return part
+
+
 class SA1BIndex:
   """Random access to the (jpg, json) pairs of a list of sources; a grain ``RandomAccessDataSource``.
 
@@ -317,12 +362,19 @@ class SA1BIndex:
   """
 
   def __init__(self, sources: Sequence[str], stats: Optional[SkipStats] = None,
-               parts: Optional[Sequence[_Part]] = None):
-    """``parts``: the sources' indexes when already built (``select``); otherwise each source is scanned."""
+               parts: Optional[Sequence[_Part]] = None, cache_dir: str = ""):
+    """``parts``: the sources' indexes when already built (``select``); otherwise each source is scanned,
+    a tar only if ``cache_dir`` has no index of it (``_index_tar_cached``)."""
     self.sources = list(sources)
     stats = stats if stats is not None else SkipStats()  # losses are logged either way
+
+    def index(source: str) -> _Part:
+      if not source.endswith(".tar"):
+        return _index_folder(source, stats)
+      return _index_tar_cached(source, stats, cache_dir) if cache_dir else _index_tar(source, stats)
+
     if parts is None:
-      parts = [_index_tar(s, stats) if s.endswith(".tar") else _index_folder(s, stats) for s in self.sources]
+      parts = [index(s) for s in self.sources]
     self._parts = list(parts)
     self._starts = np.cumsum([0] + [len(p.stems) for p in self._parts])
 

@@ -223,7 +223,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   before training and after it.
   """
   # pylint: disable=import-outside-toplevel
-  from efficientsam_jax.data.sa1b import SA1BIndex, SkipStats, find_sources, sa1b_dataset
+  from efficientsam_jax.common.multihost import process_sum
+  from efficientsam_jax.data.sa1b import SA1BIndex, SkipStats, find_sources, process_sources, sa1b_dataset
   from efficientsam_jax.models.efficient_sam import EfficientSamConfig
   from efficientsam_jax.models.pretrained import save_pretrained
   from efficientsam_jax.models.layers import Kernels
@@ -243,8 +244,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       model_config.low_res_size, max_masks=config.data.max_masks,
                       max_area_fraction=config.data.max_area_fraction)
   stats = SkipStats()
-  index = SA1BIndex(find_sources(sources), stats)  # scanned once: the count here, each process's share below
-  num_images = len(index)
+  # Each process indexes its own share (tars through the index cache: a restart reads no tar header again).
+  mine = process_sources(find_sources(sources), jax.process_index(), jax.process_count())
+  index = SA1BIndex(mine, stats, cache_dir=config.data.index_cache or os.path.join(workdir, "sa1b_index"))
+  num_images = process_sum(len(index))
   tx, schedule, total_steps = optimizer_for(config, num_images)
 
   mesh = sharding.make_mesh(config.mesh.to_dict())

@@ -63,6 +63,7 @@ def get_finetune_config(variant: str, arg=None) -> ml_collections.ConfigDict:
       "max_masks": 64,
       "max_area_fraction": 0.9,
       "read_threads": 8,
+      "index_cache": "",  # where the tars' indexes are kept (data/sa1b.py); empty: WORKDIR/sa1b_index
       "synthetic": {"enabled": False, "num_images": 0, "held_out_images": 0, "size": 0, "images_per_tar": 0,
                     "seed": 0},
   })
