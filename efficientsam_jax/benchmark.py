@@ -7,7 +7,9 @@ Per variant × dtype × batch it prints: image-encoder latency (median ms per
 batch) and throughput, the encoder's lower+compile time (measured apart from
 the steady-state timing), mask-decoder latency for ``--queries`` point prompts
 per image and its throughput, and the peak memory. Weights are random
-(``init_params``): speed does not depend on their values.
+(``init_params``): speed does not depend on their values. ``--attention xla,cudnn``
+also times the encoder with cuDNN's fused attention (``layers.Kernels``; NVIDIA
+GPUs in bf16/fp16: a combination it refuses is reported and skipped).
 
 With ``--torch`` our plain PyTorch encoder (``convert/torch_encoder.py``, the
 official model's computation) runs in fp32 on the same weights and inputs, its
@@ -39,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficientsam_jax.models import efficient_sam as esam
+from efficientsam_jax.models.layers import Kernels
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _POINTS_PER_PROMPT = 1  # one positive click (the model pads it as the official model does)
@@ -49,6 +52,7 @@ class Row:
   variant: str
   dtype: str
   batch: int
+  attention: str
   encoder_ms: float
   encoder_img_per_s: float
   encoder_compile_s: float
@@ -171,10 +175,10 @@ def _torch_runner(config, params) -> Callable[[np.ndarray], Callable[[], np.ndar
   return bind
 
 
-def _bench_row(name, config, dtype_name, batch, params, torch_bind, args, log) -> Row:
+def _bench_row(name, config, dtype_name, batch, attention, params, torch_bind, args, log) -> Row:
   """One row: JAX encoder and decoder, and (with ``torch_bind``) PyTorch interleaved with JAX."""
-  tag = f"[{name} {dtype_name} b{batch}]"
-  model = esam.EfficientSam(config, dtype=_DTYPES[dtype_name])
+  tag = f"[{name} {dtype_name} b{batch} {attention}]"
+  model = esam.EfficientSam(config, dtype=_DTYPES[dtype_name], encoder_kernels=Kernels(attention=attention))
   rng_image, rng_points = jax.random.split(jax.random.PRNGKey(batch))
   # Normalized images are roughly standard normal.
   images = jax.random.normal(rng_image, (batch, config.img_size, config.img_size, 3), jnp.float32)
@@ -217,7 +221,7 @@ def _bench_row(name, config, dtype_name, batch, params, torch_bind, args, log) -
     extra = dict(torch_ms=1e3 * torch_s, torch_over_jax=torch_s / encoder_s,
                  max_rel_diff=float(np.abs(torch_embeddings - ref).max() / np.abs(ref).max()))
 
-  return Row(variant=name, dtype=dtype_name, batch=batch,
+  return Row(variant=name, dtype=dtype_name, batch=batch, attention=attention,
              encoder_ms=1e3 * encoder_s, encoder_img_per_s=batch / encoder_s,
              encoder_compile_s=encoder_compile_s,
              decoder_ms=1e3 * decoder_s, decoder_prompts_per_s=batch * args.queries / decoder_s,
@@ -228,6 +232,7 @@ _COLUMNS = [
     ("variant", "variant", "{}"),
     ("dtype", "dtype", "{}"),
     ("batch", "batch", "{}"),
+    ("attention", "attention", "{}"),
     ("encoder_ms", "enc ms", "{:.1f}"),
     ("encoder_img_per_s", "enc img/s", "{:.3g}"),
     ("encoder_compile_s", "enc compile s", "{:.1f}"),
@@ -295,10 +300,13 @@ def _parse_args(argv):
   parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
   parser.add_argument("--warmup", type=int, default=1,
                       help="untimed calls before timing (at least 1: its output is compared)")
+  parser.add_argument("--attention", type=split, default=["xla"], help="xla,cudnn: the encoder's attention")
   parser.add_argument("--torch", action="store_true", help="time our PyTorch encoder side by side")
   parser.add_argument("--json", help="write the header and rows to this file")
   parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
   args = parser.parse_args(argv)
+  if set(args.attention) - {"xla", "cudnn"}:
+    parser.error(f"--attention takes xla and/or cudnn, got {args.attention}")
   unknown = sorted(set(args.dtypes) - set(_DTYPES))
   if unknown:
     parser.error(f"unknown dtypes {unknown}; choose from {sorted(_DTYPES)}")
@@ -324,7 +332,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch_bind = _torch_runner(config, params) if args.torch else None
     for dtype_name in args.dtypes:
       for batch in args.batch_sizes:
-        rows.append(_bench_row(name, config, dtype_name, batch, params, torch_bind, args, log))
+        for attention in args.attention:
+          try:
+            rows.append(_bench_row(name, config, dtype_name, batch, attention, params, torch_bind, args, log))
+          except Exception as e:  # pylint: disable=broad-except
+            if attention == "xla":
+              raise
+            print(f"[{name} {dtype_name} b{batch}] attention {attention}: skipped, {type(e).__name__}: {e}"[:400])
     del params, torch_bind
 
   print(f"EfficientSAM inference benchmark, {meta['weights']}")

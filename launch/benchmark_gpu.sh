@@ -5,13 +5,14 @@
 #
 # PARTS (default: all, in this order): sami_kernels sami teacher finetune sami_options sami_input
 # sami_smoke inference everything. Each part runs under its own time limit so one slow part cannot
-# starve the rest: the SAMI ViT-S step with each attention/LayerNorm/GELU implementation side by side
-# (models/layers.py Kernels), the SAMI train step per student size (img/s, MFU; bf16, batch 256/device), the teacher
-# precompute (ViT-H views/s, XLA and cuDNN attention), the finetuning step (EfficientSAM-Ti/S, 8 images × 64 masks per
-# device), ViT-S at batch 512 and with remat, the SAMI input pipeline, the README's SAMI smoke job
-# end to end, the inference benchmark, segment-everything against the notebook's approach.
-# All parts together take ~23 min: give them to the device tool (600 s per call) in two or three calls,
-# most informative first (e.g. "sami_kernels sami", then "teacher finetune sami_options", ...).
+# starve the rest: the SAMI ViT-S step with each attention/LayerNorm/GELU implementation side by
+# side (models/layers.py Kernels), the SAMI train step per student size (img/s, MFU; bf16, batch
+# 256/device), the teacher precompute (ViT-H views/s, XLA and cuDNN attention), the finetuning step
+# (EfficientSAM-Ti/S, 8 images × 64 masks per device, XLA and cuDNN attention), ViT-S at batch 512
+# and with remat, the SAMI input pipeline, the README's SAMI smoke job end to end, the inference
+# benchmark (XLA and cuDNN attention), segment-everything against the notebook's approach.
+# All parts together take ~23 min: give them to the device tool (600 s per call) in two or three
+# calls, most informative first (e.g. "sami_kernels sami", then "teacher finetune sami_options", ...).
 # WHEELS_DIR: wheels of packages the machine lacks, installed to /tmp/site first (for machines
 # without a package index).
 set -uo pipefail
@@ -50,8 +51,8 @@ attention=cudnn,layer_norm=one_pass,gelu=tanh" --json "$out/sami_kernels.json" ;
     sami_input) run sami_input 40 $bench sami-input --records 4096 --batch 256 --steps 8 --json "$out/sami_input.json" ;;
     sami_smoke) run sami_smoke 60 python3 -m efficientsam_jax.main --config=configs/sami_vits.py:smoke \
       --workdir=/tmp/sami_smoke ;;
-    inference) run inference 90 python3 -m efficientsam_jax.benchmark --variants ti,s --batch-sizes 1,8 \
-      --dtypes float32,bfloat16 --queries 64 --repeats 5 --json "$out/inference.json" ;;
+    inference) run inference 150 python3 -m efficientsam_jax.benchmark --variants ti,s --batch-sizes 1,8 \
+      --dtypes float32,bfloat16 --attention xla,cudnn --queries 64 --repeats 5 --json "$out/inference.json" ;;
     everything) run everything 120 python3 -m efficientsam_jax.inference.everything_benchmark --grids 16,32 \
       --repeats 2 ;;
     *) echo "unknown part $part" ;;

@@ -95,13 +95,14 @@ def test_benchmark_cli_prints_table(tmp_path):
   rows = json.loads(out_json.read_text())["rows"]
   assert len(rows) == 1
   row = rows[0]
-  assert (row["variant"], row["dtype"], row["batch"]) == ("efficientsam_tiny", "float32", 1)
+  assert (row["variant"], row["dtype"], row["batch"], row["attention"]) == ("efficientsam_tiny", "float32", 1, "xla")
   assert row["encoder_ms"] > 0 and row["decoder_prompts_per_s"] > 0 and row["peak_mem_mib"] > 0
   assert row["max_rel_diff"] <= TOLERANCE  # same weights and input in both frameworks
   assert row["torch_over_jax"] == pytest.approx(row["torch_ms"] / row["encoder_ms"])
 
 
-@pytest.mark.parametrize("argv", [["--dtypes", "float64"], ["--warmup", "0"], ["--batch-sizes", "0"]])
+@pytest.mark.parametrize("argv", [["--dtypes", "float64"], ["--warmup", "0"], ["--batch-sizes", "0"],
+                                  ["--attention", "flash"]])
 def test_benchmark_cli_rejects_bad_arguments(argv):
   stderr = io.StringIO()
   with pytest.raises(SystemExit), contextlib.redirect_stderr(stderr):
