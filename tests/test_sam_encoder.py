@@ -12,7 +12,8 @@ from efficientsam_jax.convert import torch_io
 from efficientsam_jax.convert.sam import encoder_params_from_state_dict, state_dict_from_encoder_params
 from efficientsam_jax.convert.torch_keys import StateDictMismatch
 from efficientsam_jax.models.sam_vit import (SAM_PRESETS, SamEncoderConfig, SamImageEncoder,
-                                             window_partition, window_unpartition)
+                                             relative_position_bias_table, sam_attention, window_partition,
+                                             window_unpartition)
 from efficientsam_jax.models.pretrained import load_pretrained, load_sam_encoder, save_pretrained
 from conftest import SHARED_FIXTURES, TINY_DIR
 
@@ -94,6 +95,22 @@ def test_fused_attention_form_matches_official_encoder(small, monkeypatch):
   np.testing.assert_allclose(np.transpose(native, (0, 3, 1, 2)), ref["features"], atol=2e-4 * scale)
   np.testing.assert_allclose(fused.apply(params, view), official_form, atol=1e-5 * scale)
   assert kernels == ["cudnn"] * (2 * config.depth)
+
+
+@pytest.mark.parametrize("use_rel_pos", [True, False])
+def test_attention_in_blocks_of_query_rows_equals_all_at_once(use_rel_pos):
+  """The logits budget splits the queries into blocks of rows (lax.map); the result does not change."""
+  rng = np.random.default_rng(0)
+  b, h, w, n, d = 2, 6, 5, 3, 8
+  q, k, v = (jax.numpy.asarray(rng.normal(size=(b, h, w, n, d)), jax.numpy.float32) for _ in range(3))
+  tables = [relative_position_bias_table(jax.numpy.asarray(rng.normal(size=(2 * s - 1, d)), jax.numpy.float32), s)
+            for s in (h, w)] if use_rel_pos else [None, None]
+  whole = sam_attention(q, k, v, *tables)
+  per_row = b * n * w * h * w
+  for budget, blocks in ((per_row, h), (2 * per_row, 3), (5 * per_row, 2)):  # 1, 2 and 3 rows per block
+    attend = lambda q, k, v: sam_attention(q, k, v, *tables, max_logits=budget)  # pylint: disable=cell-var-from-loop
+    np.testing.assert_allclose(attend(q, k, v), whole, rtol=1e-5, atol=1e-6)
+    assert f"length={blocks}" in str(jax.make_jaxpr(attend)(q, k, v))  # really computed block by block
 
 
 def test_window_partition_round_trip_with_padding():

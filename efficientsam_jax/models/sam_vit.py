@@ -106,10 +106,45 @@ def fold_relative_positions(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Opt
   return tuple(t.reshape(b, h * w, n, t.shape[-1]) for t in (q, k, v))
 
 
+LOGITS_BUDGET = 1 << 28  # logits elements materialized at once by ``sam_attention`` (1 GiB in fp32)
+
+
+def sam_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_h: Optional[jax.Array], rel_w: Optional[jax.Array],
+                  max_logits: int = LOGITS_BUDGET) -> jax.Array:
+  """SAM's attention (q, k, v [b, h, w, n, d]; tables as in ``fold_relative_positions``) → [b, h·w, n, d].
+
+  The logits [b, n, queries, h·w] are materialized for as many rows of queries at a time as fit in
+  ``max_logits`` elements, the blocks one after the other (``lax.map``): ViT-H's global blocks at 1024
+  have 4096 × 4096 logits per head, 17 GB in bf16 for a batch of 16 at once.
+  """
+  b, h, w, n, d = q.shape
+  per_row = b * n * w * h * w
+  rows = max((r for r in range(1, h + 1) if h % r == 0 and r * per_row <= max_logits), default=1)
+
+  def attend(q_rows: jax.Array, rel_h_rows: jax.Array) -> jax.Array:  # [b, r, w, n, d], [r, h, d]
+    logits = jnp.einsum("brwnd,bxynd->bnrwxy", q_rows * d ** -0.5, k)
+    if rel_h is not None:  # SAM adds q·R with the unscaled query.
+      bias_h = jnp.einsum("brwnd,rxd->bnrwx", q_rows, rel_h_rows.astype(q.dtype))
+      bias_w = jnp.einsum("brwnd,wyd->bnrwy", q_rows, rel_w.astype(q.dtype))
+      logits = logits + bias_h[..., :, None] + bias_w[..., None, :]
+    logits = logits.reshape(b, n, -1, h * w).astype(jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnqk,bknd->bqnd", weights, v.reshape(b, h * w, n, d))
+
+  tables = rel_h if rel_h is not None else jnp.zeros((h, 0, d), q.dtype)
+  if rows == h:
+    return attend(q, tables)
+  blocks = h // rows
+  out = jax.lax.map(lambda xs: attend(*xs), (jnp.moveaxis(q.reshape(b, blocks, rows, w, n, d), 1, 0),
+                                              tables.reshape(blocks, rows, *tables.shape[1:])))
+  return jnp.moveaxis(out, 0, 1).reshape(b, h * w, n, d)
+
+
 class SamAttention(nn.Module):
   """SAM's attention with decomposed relative positions.
 
-  ``attention`` "xla": the official computation, the [h·w, h·w] logits materialized; "cudnn": the same
+  ``attention`` "xla": the official computation (``sam_attention``, logits materialized a block of
+  queries at a time); "cudnn": the same
   function through ``fold_relative_positions`` and cuDNN's fused attention (NVIDIA GPUs, bf16/fp16),
   which never materializes the logits (the 4096 × 4096 of the global blocks at 1024).
   """
@@ -138,14 +173,7 @@ class SamAttention(nn.Module):
       folded = fold_relative_positions(q, k, v, rel_h, rel_w)
       out = jax.nn.dot_product_attention(*folded, scale=1.0, implementation="cudnn")[..., :head_dim]
     elif self.attention == "xla":
-      logits = jnp.einsum("bhwnd,bxynd->bnhwxy", q * head_dim ** -0.5, k)
-      if self.use_rel_pos:  # SAM adds q·R with the unscaled query.
-        bias_h = jnp.einsum("bhwnd,hxd->bnhwx", q, rel_h.astype(q.dtype))
-        bias_w = jnp.einsum("bhwnd,wyd->bnhwy", q, rel_w.astype(q.dtype))
-        logits = logits + bias_h[..., :, None] + bias_w[..., None, :]
-      logits = logits.reshape(b, self.num_heads, h * w, h * w).astype(jnp.float32)
-      weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-      out = jnp.einsum("bnqk,bknd->bqnd", weights, v.reshape(b, h * w, self.num_heads, head_dim))
+      out = sam_attention(q, k, v, rel_h, rel_w)
     else:
       raise ValueError(f"attention must be 'xla' or 'cudnn', got {self.attention!r}")
     return nn.Dense(dim, dtype=self.dtype, name="proj")(out.reshape(b, h, w, dim))
