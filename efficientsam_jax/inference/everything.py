@@ -42,7 +42,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from efficientsam_jax.inference.predictor import to_rgb_uint8
-from efficientsam_jax.models.efficient_sam import EfficientSam, get_image_embeddings
+from efficientsam_jax.models.efficient_sam import EfficientSam, get_image_embeddings, rescale_points
 from efficientsam_jax.models.prompt_encoder import LABEL_PADDING, LABEL_POSITIVE
 from efficientsam_jax.models.resize import resize_matrix
 
@@ -82,11 +82,7 @@ def _upsample(low_res: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array
 def _model_prompts(model: EfficientSam, points: jax.Array, labels: jax.Array, image_hw: jax.Array):
   """Pixel prompts [Q, P, 2] of an image of (traced) size ``image_hw`` → the model's [1, Q, P, 2] grid and labels."""
   c = model.config
-  height, width = image_hw[0].astype(jnp.float32), image_hw[1].astype(jnp.float32)
-  x, y = points[..., 0].astype(jnp.float32), points[..., 1].astype(jnp.float32)
-  # The official rescaling (efficient_sam.rescale_points), with the size as an array.
-  grid = jnp.stack([jnp.where(x >= 0, x * c.img_size / width, -1.0),
-                    jnp.where(y >= 0, y * c.img_size / height, -1.0)], axis=-1)
+  grid = rescale_points(points.astype(jnp.float32), image_hw.astype(jnp.float32), c.img_size)  # size as an array
   if grid.shape[1] > c.max_num_points:
     raise ValueError(f"prompts have {grid.shape[1]} points; EfficientSAM takes at most {c.max_num_points}")
   return grid[None], labels.astype(jnp.float32)[None]  # the model pads to max_num_points

@@ -144,9 +144,9 @@ class SamAttention(nn.Module):
   """SAM's attention with decomposed relative positions.
 
   ``attention`` "xla": the official computation (``sam_attention``, logits materialized a block of
-  queries at a time); "cudnn": the same
-  function through ``fold_relative_positions`` and cuDNN's fused attention (NVIDIA GPUs, bf16/fp16),
-  which never materializes the logits (the 4096 × 4096 of the global blocks at 1024).
+  queries at a time); "cudnn": the same function through ``fold_relative_positions`` and cuDNN's
+  fused attention (NVIDIA GPUs, bf16/fp16), which never materializes the logits (the 4096 × 4096 of
+  the global blocks at 1024).
   """
 
   num_heads: int
