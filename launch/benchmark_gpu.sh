@@ -9,9 +9,9 @@
 # side (models/layers.py Kernels), the SAMI train step per student size (img/s, MFU; bf16, batch
 # 256/device), the teacher precompute (ViT-H views/s, XLA and cuDNN attention), the finetuning step
 # (EfficientSAM-Ti/S, 8 images × 64 masks per device, XLA and cuDNN attention), ViT-S at batch 512
-# and with remat, the SAMI input pipeline, the README's SAMI smoke job end to end, the inference
+# and with each remat policy (models/layers.py remat), the SAMI input pipeline, the README's SAMI smoke job end to end, the inference
 # benchmark (XLA and cuDNN attention), segment-everything against the notebook's approach.
-# All parts together take ~23 min: give them to the device tool (600 s per call) in two or three
+# All parts together take ~27 min: give them to the device tool (600 s per call) in two or three
 # calls, most informative first (e.g. "sami_kernels sami", then "teacher finetune sami_options", ...).
 # WHEELS_DIR: wheels of packages the machine lacks, installed to /tmp/site first (for machines
 # without a package index).
@@ -46,8 +46,9 @@ attention=cudnn,layer_norm=one_pass,gelu=tanh" --json "$out/sami_kernels.json" ;
     finetune) run finetune 300 $bench finetune --variants ti,s --batch-per-device 8 --masks 64 \
       --kernels "default;attention=cudnn" --json "$out/finetune.json" ;;
     sami_options)
-      run sami_options 45 $bench sami --variants s --batch-per-device 512 --json "$out/sami_s512.json"
-      run sami_options 45 $bench sami --variants s --batch-per-device 256 --remat --json "$out/sami_s_remat.json" ;;
+      run sami_options 90 $bench sami --variants s --batch-per-device 512 --json "$out/sami_s512.json"
+      run sami_options 180 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
+        --remat dots,projections,full --json "$out/sami_s_remat.json" ;;
     sami_input) run sami_input 40 $bench sami-input --records 4096 --batch 256 --steps 8 --json "$out/sami_input.json" ;;
     sami_smoke) run sami_smoke 60 python3 -m efficientsam_jax.main --config=configs/sami_vits.py:smoke \
       --workdir=/tmp/sami_smoke ;;

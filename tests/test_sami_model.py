@@ -11,6 +11,8 @@ from efficientsam_jax.models import EfficientSam, EfficientSamConfig, init_param
 from efficientsam_jax.models.layers import Kernels
 from efficientsam_jax.models.sami import (SamiConfig, SamiModel, random_masking, sami_loss,
                                           student_encoder_params, take_permuted)
+from efficientsam_jax.train.benchmark import saved_residual_bytes
+from efficientsam_jax.train.sami import make_loss_fn
 
 TINY = dict(encoder_embed_dim=48, encoder_depth=2, encoder_num_heads=3, img_size=64,
             decoder_dim=32, decoder_depth=2, decoder_num_heads=4, target_dim=8)
@@ -85,6 +87,34 @@ def test_cudnn_attention_call_matches_ours(monkeypatch):
   predictions, _ = SamiModel(config, kernels=Kernels(attention="cudnn")).apply(params, images, mask_rng)
   np.testing.assert_allclose(predictions, reference, atol=1e-5 * float(jnp.abs(reference).max()))
   assert kernels == ["cudnn"] * (TINY["encoder_depth"] + TINY["decoder_depth"])
+
+
+@pytest.mark.parametrize("decoder_type", ["cross", "self"])
+def test_remat_policies_keep_values_and_gradients_and_save_less(decoder_type):
+  config = SamiConfig(**TINY, decoder_type=decoder_type)
+  batch = {"images": jax.random.randint(jax.random.PRNGKey(0), (2, 64, 64, 3), 0, 256).astype(jnp.uint8),
+           "targets": jax.random.normal(jax.random.PRNGKey(4), (2, config.num_tokens, TINY["target_dim"]))}
+  mask_rng = jax.random.PRNGKey(1)
+  params = SamiModel(config).init(jax.random.PRNGKey(2), jnp.zeros((1, 64, 64, 3)), mask_rng)["params"]
+
+  def loss_of(remat):
+    model = SamiModel(config, remat=remat, kernels=Kernels(layer_norm="one_pass"))
+    return lambda p: make_loss_fn(model)(p, batch, mask_rng)
+
+  reference = jax.value_and_grad(loss_of("none"))(params)
+  saved = {}
+  for policy in ("none", "dots", "projections", "full", True):
+    value, grads = jax.value_and_grad(loss_of(policy))(params)
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+    np.testing.assert_allclose(value, reference[0], rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(reference[1])):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.abs(want).max()))
+    saved[policy] = saved_residual_bytes(loss_of(policy), params)
+  # Each policy keeps less for the backward pass than the one before (LayerNorm/GELU/softmax intermediates,
+  # then the attention logits and probabilities, then everything but the blocks' inputs).
+  assert saved["none"] > saved["dots"] > saved["projections"] > saved["full"] == saved[True]
+  with pytest.raises(ValueError, match="remat must be"):
+    SamiModel(config, remat="selective").init(jax.random.PRNGKey(2), jnp.zeros((1, 64, 64, 3)), mask_rng)
 
 
 def test_config_mask_ratio():

@@ -1,6 +1,7 @@
 """The training benchmark's FLOP count (the MFU basis), its profile reader and its kernel sets."""
 
 import argparse
+import json
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,9 @@ import pytest
 
 from efficientsam_jax.models.layers import Kernels
 from efficientsam_jax.models.sami import SamiConfig, SamiModel
-from efficientsam_jax.train.benchmark import (compiled_cost, parse_kernels, peak_tflops, profile_top_ops,
-                                              sami_train_flops_per_image)
+from efficientsam_jax.train import benchmark
+from efficientsam_jax.train.benchmark import (compiled_cost, parse_kernels, parse_remat, peak_tflops,
+                                              profile_top_ops, sami_train_flops_per_image)
 
 
 @pytest.mark.parametrize("decoder_type", ["cross", "self"])
@@ -41,3 +43,19 @@ def test_kernel_sets_parse_and_bad_ones_are_refused():
   for bad in ("gelu", "softmax=fast", "gelu=erf"):
     with pytest.raises(argparse.ArgumentTypeError, match=bad.split("=")[0]):
       parse_kernels(bad)
+
+
+def test_remat_policies_parse_and_each_is_a_row(tmp_path):
+  assert parse_remat("none, dots,projections,full") == ["none", "dots", "projections", "full"]
+  with pytest.raises(argparse.ArgumentTypeError, match="selective"):
+    parse_remat("none,selective")
+  out = tmp_path / "rows.json"
+  assert benchmark.main(["sami", "--variants", "ti", "--batch-per-device", "1", "--dtype", "float32",
+                         "--compile-only", "--remat", "none,full", "--json", str(out)]) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert [(row["variant"], row["remat"]) for row in rows] == [("ti", "none"), ("ti", "full")]
+  assert all("error" not in row and row["model_gflop_per_step"] > 0 for row in rows)
+  assert rows[0]["kept_mb_per_example"] > 10 * rows[1]["kept_mb_per_example"] > 0
+  # Full remat recomputes each block's forward in the backward pass: XLA counts more FLOPs for the same model.
+  assert rows[1]["xla_gflop_per_step"] > rows[0]["xla_gflop_per_step"]
+  assert rows[0]["model_gflop_per_step"] == rows[1]["model_gflop_per_step"]

@@ -86,7 +86,7 @@ class EfficientSam(nn.Module):
 
   config: EfficientSamConfig
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: str | bool = "none"  # the image encoder's blocks (layers.remat): "none", "full", "dots", "projections"
   drop_path_rate: float = 0.0  # encoder stochastic depth; active only with a "drop_path" RNG (training)
   encoder_kernels: Kernels = Kernels()  # how the image encoder's blocks compute (layers.Kernels; same parameters)
 

@@ -43,6 +43,29 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "x
   return jnp.swapaxes(out, -3, -2)
 
 
+# What a rematerialized block keeps for the backward pass (``remat``); the rest is recomputed there.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the block's input
+    "dots": jax.checkpoint_policies.dots_saveable,  # every matmul output: LayerNorm, GELU, softmax recomputed
+    # the projections' outputs only: also the attention logits and probabilities (q·kᵀ again)
+    "projections": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat(cls: type, policy: "str | bool") -> type:
+  """``cls`` (a block) as is for "none"/False, else ``nn.remat(cls)`` keeping what ``REMAT_POLICIES[policy]`` saves.
+
+  Same parameters and values; only what the backward pass reads from memory and what it recomputes
+  changes. ``True`` means "full" (the whole block recomputed from its input).
+  """
+  if policy is False or policy == "none":
+    return cls
+  name = "full" if policy is True else policy
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat must be 'none' or one of {sorted(REMAT_POLICIES)}, got {policy!r}")
+  return nn.remat(cls, policy=REMAT_POLICIES[name])
+
+
 def layer_norm(eps: float, name: str, dtype: Dtype = jnp.float32, one_pass: bool = False) -> nn.LayerNorm:
   """LayerNorm; by default with PyTorch's two-pass variance (exact parity in fp32).
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientsam_jax.common.config import JsonConfig
-from efficientsam_jax.models.layers import Kernels
+from efficientsam_jax.models.layers import Kernels, remat
 from efficientsam_jax.models.vit import VIT_SIZES, Block, ImageEncoderViT, Mlp
 
 Dtype = Any
@@ -145,7 +145,7 @@ class SamiModel(nn.Module):
 
   config: SamiConfig
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: str | bool = "none"  # encoder and decoder blocks (layers.remat): "none", "full", "dots", "projections"
   kernels: Kernels = Kernels()
 
   def setup(self):
@@ -160,11 +160,11 @@ class SamiModel(nn.Module):
     self.decoder_pos_embed = self.param("decoder_pos_embed", nn.initializers.normal(0.02),
                                         (1, c.num_tokens, c.decoder_dim))
     if c.decoder_type == "cross":
-      self.decoder_blocks = [CrossAttentionBlock(c.decoder_num_heads, dtype=self.dtype, kernels=kern)
-                             for _ in range(c.decoder_depth)]
+      block_cls = remat(CrossAttentionBlock, self.remat)
     else:
-      self.decoder_blocks = [Block(c.decoder_num_heads, dtype=self.dtype, kernels=kern)
-                             for _ in range(c.decoder_depth)]
+      block_cls = remat(Block, self.remat)
+    self.decoder_blocks = [block_cls(c.decoder_num_heads, dtype=self.dtype, kernels=kern)
+                           for _ in range(c.decoder_depth)]
     self.decoder_norm = kern.norm(1e-6, None, self.dtype)
     self.head = nn.Dense(c.target_dim, dtype=self.dtype)
 

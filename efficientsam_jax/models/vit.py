@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efficientsam_jax.models.layers import Kernels, layer_norm
+from efficientsam_jax.models.layers import Kernels, layer_norm, remat
 from efficientsam_jax.models.resize import resize
 
 Dtype = Any
@@ -141,7 +141,7 @@ class ImageEncoderViT(nn.Module):
   mlp_ratio: float = 4.0
   pretrain_img_size: int = 224
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: str | bool = "none"  # layers.remat: "none", "full", "dots" or "projections"
   drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this rate over the blocks
   kernels: Kernels = Kernels()  # the blocks' (the neck keeps PyTorch's LayerNorm)
 
@@ -150,7 +150,7 @@ class ImageEncoderViT(nn.Module):
     self.pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
                                 (1, 1 + pretrain_grid * pretrain_grid, self.embed_dim))
     self.patch_embed = PatchEmbed(self.embed_dim, self.patch_size, dtype=self.dtype)
-    block_cls = nn.remat(Block) if self.remat else Block
+    block_cls = remat(Block, self.remat)
     rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
     self.blocks = [block_cls(self.num_heads, self.mlp_ratio, dtype=self.dtype, drop_path_rate=rate,
                              kernels=self.kernels) for rate in rates]

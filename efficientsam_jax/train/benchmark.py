@@ -12,7 +12,8 @@ cost analysis beside it) and MFU = model FLOPs / time / peak, where peak is
 the accelerator's dense bf16 rate (``PEAK_TFLOPS`` by device kind, or
 ``--peak-tflops``); no MFU on CPU. ``--compile-only`` stops after compiling and
 prints the FLOPs and XLA's memory estimate (check a big config fits).
-``--kernels`` (``sami``, ``finetune``: the student / image encoder) compares implementations
+``--remat none,dots,...`` (``sami``, ``finetune``) compares what the blocks keep for the backward
+pass (``layers.remat``). ``--kernels`` (``sami``, ``finetune``: the student / image encoder) compares implementations
 side by side (``layers.Kernels``, same parameters): sets separated by ``;``, each ``default`` or
 ``key=value,...``, e.g.
 ``--kernels "default;layer_norm=one_pass,gelu=tanh;attention=cudnn,layer_norm=one_pass"``.
@@ -36,19 +37,23 @@ decode, batching) over shards of real photographs' views: samples/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import print_saved_residuals
 
-from efficientsam_jax.models.layers import Kernels
+from efficientsam_jax.models.layers import REMAT_POLICIES, Kernels
 
 # Dense bf16 matrix peak per chip (vendor datasheets), TFLOP/s, by a substring of device_kind.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0,
@@ -102,6 +107,18 @@ def parse_kernels(text: str) -> list[Kernels]:
   return sets
 
 
+REMAT_HELP = "','-separated remat policies to compare: none, full, dots, projections (models/layers.py remat)"
+
+
+def parse_remat(text: str) -> list[str]:
+  """``"none,dots"`` → ["none", "dots"], each checked against ``layers.REMAT_POLICIES``."""
+  policies = [p.strip() for p in text.split(",")]
+  bad = [p for p in policies if p != "none" and p not in REMAT_POLICIES]
+  if bad:
+    raise argparse.ArgumentTypeError(f"unknown remat policy {bad}; known: none, {', '.join(REMAT_POLICIES)}")
+  return policies
+
+
 def compiled_cost(compiled, key: str = "flops") -> Optional[float]:
   """One figure of a compiled computation's cost analysis (None if unavailable): "flops" per call, or
   "bytes accessed" (XLA's count of bytes read and written by its ops: the memory-bound work)."""
@@ -110,6 +127,23 @@ def compiled_cost(compiled, key: str = "flops") -> Optional[float]:
     analysis = analysis[0] if analysis else None
   value = (analysis or {}).get(key)
   return float(value) if value and value > 0 else None
+
+
+def saved_residual_bytes(fn: Callable, *args) -> int:
+  """Bytes of the activations that ``fn``'s backward pass keeps from its forward pass, ``fn``'s arguments not
+  counted (jax's ``print_saved_residuals`` listing; no compilation, the same on every backend)."""
+  listing = io.StringIO()
+  with contextlib.redirect_stdout(listing):
+    print_saved_residuals(fn, *args)
+  total = 0
+  for line in listing.getvalue().splitlines():
+    found = re.match(r"([a-z]+)(\d*)\[([\d,]*)\] ", line)  # e.g. "bf16[8,147,2048] output of ..."
+    if found is None or "from the argument" in line:
+      continue
+    kind, bits, shape = found.groups()
+    size = int(np.prod([int(d) for d in shape.split(",") if d]))
+    total += size * (int(bits) // 8 if bits else 1)  # "bool" has no width: one byte
+  return total
 
 
 def compiled_memory_gib(compiled) -> Optional[float]:
@@ -221,23 +255,25 @@ def _kernels_name(kernels: Kernels) -> str:
 
 def bench_sami(args) -> list[dict]:
   peak = peak_tflops(jax.devices()[0], args.peak_tflops)
-  settings = [{"variant": v, "kernels": k} for v in args.variants for k in args.kernels]
-  return each_setting(settings, lambda variant, kernels: _bench_sami_setting(args, variant, kernels, peak))
+  settings = [{"variant": v, "kernels": k, "remat": r} for v in args.variants for k in args.kernels
+              for r in args.remat]
+  return each_setting(settings, lambda variant, kernels, remat: _bench_sami_setting(args, variant, kernels, remat,
+                                                                                     peak))
 
 
-def _bench_sami_setting(args, variant: str, kernels: Kernels, peak: Optional[float]) -> dict:
+def _bench_sami_setting(args, variant: str, kernels: Kernels, remat: str, peak: Optional[float]) -> dict:
   # pylint: disable=import-outside-toplevel
   from efficientsam_jax.models.sami import SamiConfig, SamiModel
   from efficientsam_jax.train import sharding
   from efficientsam_jax.train.optim import make_optimizer
   from efficientsam_jax.train.loop import jit_train_step
-  from efficientsam_jax.train.sami import make_train_step
+  from efficientsam_jax.train.sami import make_loss_fn, make_train_step
   from efficientsam_jax.train.state import create_train_state
 
   mesh = sharding.make_mesh({"data": -1, "fsdp": args.fsdp})
   config = SamiConfig.from_variant(variant)
   batch = args.batch_per_device * jax.device_count()
-  model = SamiModel(config, dtype=jnp.dtype(args.dtype), remat=args.remat, kernels=kernels)
+  model = SamiModel(config, dtype=jnp.dtype(args.dtype), remat=remat, kernels=kernels)
   tx, schedule = make_optimizer({
       "optimizer": {"b1": 0.9, "b2": 0.95, "weight_decay": 0.05}, "global_batch_size": batch,
       "total_steps": 1000, "lr": {"base_lr": 1.5e-4, "warmup_steps": 10, "schedule": "cosine"}})
@@ -254,10 +290,12 @@ def _bench_sami_setting(args, variant: str, kernels: Kernels, peak: Optional[flo
   compiled = step.lower(state, data, rng).compile()
   compile_s = time.perf_counter() - start
   flops = sami_train_flops_per_image(config) * batch / jax.device_count()  # per device
-  row = {"dtype": args.dtype, "remat": args.remat, "batch": batch, "compile_s": round(compile_s, 1),
-         "model_gflop_per_step": round(flops / 1e9, 1), **_compiled_figures(compiled)}
+  kept = saved_residual_bytes(make_loss_fn(model), state.params, data, rng)
+  row = {"dtype": args.dtype, "batch": batch, "compile_s": round(compile_s, 1),
+         "model_gflop_per_step": round(flops / 1e9, 1), "kept_mb_per_example": round(kept / batch / 1e6, 1),
+         **_compiled_figures(compiled)}
   if not args.compile_only:
-    seconds = time_train_step(compiled, state, data, rng, args, f"sami_{variant}_{_kernels_name(kernels)}")
+    seconds = time_train_step(compiled, state, data, rng, args, f"sami_{variant}_{_kernels_name(kernels)}_{remat}")
     row.update(ms_per_step=round(1e3 * seconds, 2), img_per_s=round(batch / seconds, 1))
     if peak:
       row["mfu"] = round(flops / seconds / (peak * 1e12), 4)
@@ -273,11 +311,13 @@ def _compiled_figures(compiled) -> dict:
 
 
 def bench_finetune(args) -> list[dict]:
-  settings = [{"variant": v, "kernels": k} for v in args.variants for k in args.kernels]
-  return each_setting(settings, lambda variant, kernels: _bench_finetune_setting(args, variant, kernels))
+  settings = [{"variant": v, "kernels": k, "remat": r} for v in args.variants for k in args.kernels
+              for r in args.remat]
+  return each_setting(settings, lambda variant, kernels, remat: _bench_finetune_setting(args, variant, kernels,
+                                                                                        remat))
 
 
-def _bench_finetune_setting(args, variant: str, kernels: Kernels) -> dict:
+def _bench_finetune_setting(args, variant: str, kernels: Kernels, remat: str) -> dict:
   # pylint: disable=import-outside-toplevel
   from efficientsam_jax.models.efficient_sam import EfficientSam, EfficientSamConfig, init_params
   from efficientsam_jax.train import sharding
@@ -291,7 +331,7 @@ def _bench_finetune_setting(args, variant: str, kernels: Kernels) -> dict:
   job = get_finetune_config(variant)
   job.loss.correction_steps = args.correction_steps
   config = EfficientSamConfig.from_variant(variant)
-  model = EfficientSam(config, dtype=jnp.dtype(args.dtype), remat=args.remat, encoder_kernels=kernels)
+  model = EfficientSam(config, dtype=jnp.dtype(args.dtype), remat=remat, encoder_kernels=kernels)
   batch = args.batch_per_device * jax.device_count()
   tx, schedule = make_optimizer({"optimizer": job.optimizer.to_dict(), "global_batch_size": batch,
                                  "total_steps": 1000, "lr": {**job.lr.to_dict(), "warmup_steps": 0}})
@@ -393,7 +433,7 @@ def _parse_args(argv):
   sami.add_argument("--variants", type=lambda s: s.split(","), default=["ti", "s", "b"])
   sami.add_argument("--batch-per-device", type=int, default=256)
   sami.add_argument("--dtype", default="bfloat16")
-  sami.add_argument("--remat", action="store_true")
+  sami.add_argument("--remat", type=parse_remat, default=["none"], help=REMAT_HELP)
   sami.add_argument("--fsdp", type=int, default=1)
   sami.add_argument("--peak-tflops", type=float, default=0.0, help="override the per-chip bf16 peak")
   sami.add_argument("--compile-only", action="store_true")
@@ -405,7 +445,7 @@ def _parse_args(argv):
   finetune.add_argument("--masks", type=int, default=64, help="masks per image")
   finetune.add_argument("--correction-steps", type=int, default=2)
   finetune.add_argument("--dtype", default="bfloat16")
-  finetune.add_argument("--remat", action="store_true")
+  finetune.add_argument("--remat", type=parse_remat, default=["none"], help=REMAT_HELP)
   finetune.add_argument("--fsdp", type=int, default=1)
   teacher = sub.add_parser("teacher", parents=[common])
   teacher.add_argument("--modes", type=lambda s: s.split(","), default=["upsample", "native"])

@@ -33,7 +33,7 @@ def get_finetune_config(variant: str, arg=None) -> ml_collections.ConfigDict:
       "decoder": "",  # prompt encoder + mask decoder only: e.g. an official checkpoint, converted
   })
   config.dtype = "bfloat16"
-  config.remat = False
+  config.remat = "none"  # or "full", "dots", "projections": what the blocks keep for the backward (layers.remat)
   config.drop_path_rate = 0.0  # encoder stochastic depth (linear over the blocks); the paper uses none
   # How the image encoder's blocks compute (models/layers.py Kernels, same parameters): attention "xla" or
   # "cudnn" (NVIDIA GPUs, bf16: the 4096-token attention at 1024 without materialized logits); LayerNorm

@@ -14,24 +14,32 @@ from efficientsam_jax.models.sami import SamiModel, sami_loss
 from efficientsam_jax.train.state import TrainState
 
 
+def make_loss_fn(model: SamiModel, loss_kind: str = "mse", loss_tokens: str = "all") -> Callable:
+  """``loss(params, batch, mask_rng)``: the batch's mean SAMI loss.
+
+  ``batch``: ``images`` uint8 [B, S, S, 3] (normalized here), ``targets`` [B, N, C] teacher
+  features in token order.
+  """
+
+  def loss(params, batch, mask_rng):
+    predictions, mask = model.apply({"params": params}, normalize_uint8(batch["images"]), mask_rng)
+    return sami_loss(predictions, batch["targets"], mask, loss_kind, loss_tokens).mean()
+
+  return loss
+
+
 def make_train_step(model: SamiModel, tx: optax.GradientTransformation, schedule: Callable,
                     loss_kind: str = "mse", loss_tokens: str = "all"):
   """Returns ``step(state, batch, rng) -> (state, metrics)``; jit it with shardings and donation.
 
-  ``batch``: ``images`` uint8 [B, S, S, 3] (normalized here), ``targets`` [B, N, C] teacher
-  features in token order. The mask RNG is ``fold_in(rng, step)``, so a resumed
+  ``batch`` as for ``make_loss_fn``. The mask RNG is ``fold_in(rng, step)``, so a resumed
   run draws the same masks as an uninterrupted one.
   """
+  loss_fn = make_loss_fn(model, loss_kind, loss_tokens)
 
   def step(state: TrainState, batch, rng):
     mask_rng = jax.random.fold_in(rng, state.step)
-
-    def loss_fn(params):
-      images = normalize_uint8(batch["images"])
-      predictions, mask = model.apply({"params": params}, images, mask_rng)
-      return sami_loss(predictions, batch["targets"], mask, loss_kind, loss_tokens).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, mask_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}

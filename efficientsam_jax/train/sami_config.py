@@ -29,7 +29,7 @@ def get_sami_config(variant: str, arg=None) -> ml_collections.ConfigDict:
   # the decoder's GELU "exact" or "tanh" (the student encoder keeps the exact GELU it is exported with).
   config.kernels = ml_collections.ConfigDict({"attention": "xla", "layer_norm": "one_pass", "gelu": "exact"})
   config.dtype = "bfloat16"
-  config.remat = False
+  config.remat = "none"  # or "full", "dots", "projections": what the blocks keep for the backward (layers.remat)
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   config.global_batch_size = 4096
   config.num_epochs = 400
