@@ -4,8 +4,9 @@
 --config.data.annotations=/data/coco/annotations/instances_val2017.json --config.data.images=/data/coco/val2017
 --config.prompts.boxes=/data/vitdet_h/coco_instances_results.json --config.model.checkpoint=weights/efficientsam_ti``
 ``prompts.boxes="gt"`` prompts with the GT boxes (oracle). COCO is scored with pycocotools' COCOeval,
-LVIS with the ``lvis`` package (``pip install lvis``). ``:smoke`` runs on a generated set with jittered
-GT boxes and a tiny RANDOM, UNTRAINED model: nothing to download, numbers meaningless.
+LVIS with its federated evaluation (``efficientsam_jax/evaluation/lvis.py``). ``:smoke`` runs on a
+generated set with jittered GT boxes and a tiny RANDOM, UNTRAINED model: nothing to download, numbers
+meaningless.
 """
 
 import ml_collections

@@ -1,8 +1,10 @@
 """Zero-shot instance segmentation (Table 5) on generated COCO-format data, scored with pycocotools."""
 
 import contextlib
+import copy
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from pycocotools.cocoeval import COCOeval
 
 from conftest import load_config
 from efficientsam_jax import main
-from efficientsam_jax.evaluation import coco, instances
+from efficientsam_jax.evaluation import coco, instances, lvis
 from efficientsam_jax.evaluation.synthetic import write_synthetic_dataset
 
 
@@ -129,30 +131,125 @@ def test_detections_are_checked_and_filtered(dataset, tmp_path):
     instances.load_detections(str(path), data, {})
 
 
-def test_lvis_scoring_runs_lvis_eval_or_says_how_to_install_it(tmp_path):
+def _lvis_variant(tmp_path, neg=None, not_exhaustive=None, unlabeled=(), one_category=False):
+  """The clean synthetic dataset as an LVIS file: frequencies r/c/f for categories 1/2/3, a category 4 without
+  GT (frequency f), per-image negative / not-exhaustive label lists ({image id: [categories]}), without the
+  ``unlabeled`` (image, category) annotations; ``one_category``: every object is category 1, no category 4."""
   clean = write_synthetic_dataset(str(tmp_path / "clean"), bad_annotations=False)
   data = json.loads(open(clean["annotations"]).read())
-  for category, frequency in zip(data["categories"], "rcf"):  # LVIS's extra fields
+  data["annotations"] = [a for a in data["annotations"] if (a["image_id"], a["category_id"]) not in unlabeled]
+  data["categories"].append({"id": 4, "name": "never"})
+  for category, frequency in zip(data["categories"], "rcff"):  # LVIS's extra fields
     category.update(frequency=frequency, image_count=4)
   for image in data["images"]:
-    image.update(neg_category_ids=[], not_exhaustive_category_ids=[])
-  path = tmp_path / "lvis.json"
-  path.write_text(json.dumps(data))
-  assert coco.load_coco(str(path)).kind == "lvis"
-  perfect = []
+    image.update(neg_category_ids=(neg or {}).get(image["id"], []),
+                 not_exhaustive_category_ids=(not_exhaustive or {}).get(image["id"], []))
+  masks = {}
   for annotation in data["annotations"]:
     image = next(i for i in data["images"] if i["id"] == annotation["image_id"])
-    mask = coco.decode_segmentation(annotation["segmentation"], image["height"], image["width"])
-    perfect.append({"image_id": image["id"], "category_id": annotation["category_id"], "score": 1.0,
-                    "segmentation": instances.encode_rle(mask[None])[0]})
-  try:
-    import lvis  # noqa: F401
-  except ImportError:
-    with pytest.raises(ImportError, match="pip install lvis"):
-      instances.evaluate_lvis_segm(str(path), perfect)
-    return
-  scores = instances.evaluate_lvis_segm(str(path), perfect)
-  assert scores == pytest.approx({name: 1.0 for name in instances.LVIS_METRICS}, abs=1e-12)
+    masks[annotation["image_id"], annotation["category_id"]] = coco.decode_segmentation(
+        annotation["segmentation"], image["height"], image["width"])
+  if one_category:
+    data["categories"] = data["categories"][:3]
+    for annotation in data["annotations"]:
+      annotation["category_id"] = 1
+  path = tmp_path / "lvis.json"
+  path.write_text(json.dumps(data))
+  return str(path), data, masks
+
+
+def _detection(image_id, category_id, mask, score):
+  return {"image_id": image_id, "category_id": category_id, "score": score,
+          "segmentation": instances.encode_rle(mask[None])[0]}
+
+
+def test_lvis_federated_rules(tmp_path):
+  """Detections of unjudged labels are dropped, unmatched ones of not-exhaustive labels ignored, negatives
+  count as false positives; exact AP values."""
+  path, data, masks = _lvis_variant(tmp_path, neg={1000: [4], 1001: [4]}, not_exhaustive={1000: [1]},
+                                    unlabeled=[(1002, 3)])
+  assert coco.load_coco(path).kind == "lvis"
+  perfect = [_detection(i, c, m, 1.0) for (i, c), m in masks.items() if (i, c) != (1002, 3)]
+  assert instances.evaluate_lvis_segm(path, perfect) == pytest.approx(
+      {name: 1.0 for name in instances.LVIS_METRICS}, abs=1e-12)
+  harmless = [
+      _detection(1002, 3, masks[1002, 1], 2.0),  # image 1002 has no label for category 3: dropped
+      _detection(1000, 1, masks[1000, 3], 2.0),  # matches no box GT, but image 1000's boxes are not exhaustive
+      _detection(1000, 4, masks[1000, 2], 2.0),  # a verified-absent category, but one without any GT to score
+  ]
+  assert instances.evaluate_lvis_segm(path, perfect + harmless) == pytest.approx(
+      {name: 1.0 for name in instances.LVIS_METRICS}, abs=1e-12)
+  # A false positive ranked first in category 2 (4 GT blobs, all large): its precision is 4/5 at every recall,
+  # in the "all" range; the FP is small, so the "large" range ignores it.
+  wrong = _detection(1003, 2, masks[1003, 3], 2.0)
+  scores = instances.evaluate_lvis_segm(path, perfect + harmless + [wrong])
+  expected = {name: 1.0 for name in instances.LVIS_METRICS}
+  expected.update(AP=(2 + 0.8) / 3, AP50=(2 + 0.8) / 3, AP75=(2 + 0.8) / 3, APc=0.8)
+  assert scores == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("one_category", [False, True])
+def test_lvis_equals_cocoeval_when_every_label_is_verified(tmp_path, one_category):
+  """With every category of every image judged and no more than 100 detections per image, LVIS's evaluation
+  is COCO's: our numbers equal pycocotools' COCOeval, per frequency group too. ``one_category``: three objects
+  of one category per image (small, medium, large: the area ranges then ignore some GT of a cell)."""
+  path, data, masks = _lvis_variant(tmp_path, neg={i: [2, 3] for i in range(1000, 1004)} if one_category else None,
+                                    one_category=one_category)
+  if not one_category:  # category 4 would have to be verified absent in every image
+    data["categories"] = data["categories"][:3]
+    Path(path).write_text(json.dumps(data))
+  rng = np.random.default_rng(0)
+  results = []
+  for (image_id, category), mask in masks.items():
+    for _ in range(3):  # shifted copies, from good to poor, random scores
+      shifted = np.roll(mask, tuple(rng.integers(-6, 7, 2)), axis=(0, 1))
+      label = 1 if one_category else int(rng.choice([category, category, 1 + category % 3]))
+      results.append(_detection(image_id, label, shifted, float(np.round(rng.random(), 2))))
+  ours = instances.evaluate_lvis_segm(path, results)
+
+  def cocoeval(category_ids=None):
+    with contextlib.redirect_stdout(io.StringIO()):
+      gt = COCO(path)
+      evaluator = COCOeval(gt, gt.loadRes(copy.deepcopy(results)), "segm")  # loadRes writes into its input
+      if category_ids:
+        evaluator.params.catIds = category_ids
+      evaluator.evaluate()
+      evaluator.accumulate()
+      evaluator.summarize()
+    return evaluator.stats
+
+  reference = dict(zip(instances.COCO_METRICS, cocoeval()[:6]))
+  reference.update(APr=cocoeval([1])[0], APc=cocoeval([2])[0], APf=cocoeval([3])[0])
+  assert 0.1 < ours["AP"] < 0.9  # a real ranking, not a trivial one
+  assert ours == pytest.approx(reference, abs=1e-12)
+
+
+def test_lvis_matches_gt_inside_the_area_range_first():
+  """A small GT inside a medium one, and a detection overlapping both (IoU 0.73 and 0.77): in the "small"
+  range the medium GT is ignored, and the detection must take the small GT wherever its IoU passes (5 of the
+  10 thresholds), as COCOeval does, not the ignored GT it overlaps more."""
+  square = lambda x0, side: [float(v) for v in (x0, x0, x0 + side, x0, x0 + side, x0 + side, x0, x0 + side)]
+  data = {"images": [{"id": 1, "height": 64, "width": 64, "neg_category_ids": [],
+                      "not_exhaustive_category_ids": []}],
+          "categories": [{"id": 1, "name": "square", "frequency": "f"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "area": 1600.0, "segmentation": [square(0, 40)],
+                           "bbox": [0, 0, 40, 40], "iscrowd": 0},
+                          {"id": 2, "image_id": 1, "category_id": 1, "area": 900.0, "segmentation": [square(0, 30)],
+                           "bbox": [0, 0, 30, 30], "iscrowd": 0}]}
+  mask = np.zeros((64, 64), np.uint8)
+  mask[:35, :35] = 1
+  detection = [_detection(1, 1, mask, 0.9)]
+  scores = lvis.lvis_segm_scores(copy.deepcopy(data), detection)
+  assert scores["APs"] == pytest.approx(0.5, abs=1e-12)
+  with contextlib.redirect_stdout(io.StringIO()):
+    gt = COCO()
+    gt.dataset = copy.deepcopy(data)
+    gt.createIndex()
+    evaluator = COCOeval(gt, gt.loadRes(copy.deepcopy(detection)), "segm")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+  assert [scores[name] for name in instances.COCO_METRICS] == pytest.approx(evaluator.stats[:6], abs=1e-12)
 
 
 def test_smoke_config_runs_the_real_model_and_resumes(tmp_path, capsys):

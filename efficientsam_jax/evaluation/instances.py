@@ -3,8 +3,8 @@
 Each box of a detections file in COCO results format (e.g. ViTDet-H's) prompts
 EfficientSAM; the mask with the highest predicted IoU is kept with the
 detector's score and category, written as COCO results JSON (compressed RLE)
-and scored with pycocotools' ``COCOeval`` (``segm``), or for LVIS with the
-``lvis`` package's ``LVISEval`` (``pip install lvis``; not a requirement). With
+and scored with pycocotools' ``COCOeval`` (``segm``), or for LVIS with its federated
+evaluation (``evaluation/lvis.py``, the same numbers as the ``lvis`` package's ``LVISEval``). With
 ``prompts.boxes = "gt"`` the GT boxes are the prompts (the oracle-box numbers).
 
     python -m efficientsam_jax.main --config=configs/eval_instances.py --workdir=runs/instances \\
@@ -24,13 +24,13 @@ import numpy as np
 
 from efficientsam_jax.common.files import atomic_file
 from efficientsam_jax.common.multihost import barrier
-from efficientsam_jax.evaluation import runner
+from efficientsam_jax.evaluation import lvis, runner
 from efficientsam_jax.evaluation.coco import CocoData, gt_box_xyxy, read_json, segmentation_is_usable
 from efficientsam_jax.evaluation.segmenter import LazySegmenter, Segmenter
 from efficientsam_jax.inference.everything import encode_rle
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-LVIS_METRICS = COCO_METRICS + ("APr", "APc", "APf")
+LVIS_METRICS = lvis.METRICS  # COCO_METRICS + APr, APc, APf
 RESULTS_FILE = "segm_results.json"
 
 
@@ -153,45 +153,17 @@ def evaluate_coco_segm(annotations: str, results: Union[str, list], image_ids: O
   return {name: float(value) for name, value in zip(COCO_METRICS, evaluator.stats[:6])}
 
 
-@contextlib.contextmanager
-def _numpy_aliases() -> Iterator[None]:
-  """lvis 0.5.3 uses ``np.float``, removed in NumPy 1.24; provide it while LVISEval runs."""
-  added = "float" not in np.__dict__
-  if added:
-    np.float = float  # type: ignore[attr-defined]
-  try:
-    yield
-  finally:
-    if added:
-      del np.float
-
-
 def evaluate_lvis_segm(annotations: str, results: Union[str, list], image_ids: Optional[list[int]] = None,
-                       verbose: bool = False, issues: Optional[dict[str, int]] = None) -> dict:
-  """LVISEval ``segm`` (needs ``pip install lvis``): {AP, AP50, AP75, APs, APm, APl, APr, APc, APf}."""
-  try:
-    from lvis import LVIS, LVISEval, LVISResults  # pylint: disable=import-outside-toplevel
-  except ImportError as error:
-    raise ImportError("scoring LVIS needs the lvis package (pip install lvis), which is not a requirement of "
-                      f"efficientsam_jax; the results file is written either way ({error})") from error
+                       issues: Optional[dict[str, int]] = None) -> dict:
+  """LVIS ``segm`` (federated, ``evaluation/lvis.py``): {AP, AP50, AP75, APs, APm, APl, APr, APc, APf}.
+
+  Unreadable GT segmentations are dropped first (see ``usable_ground_truth``).
+  """
   if isinstance(results, str):
     results = read_json(results, "results file")
   if not results:
     return {name: 0.0 for name in LVIS_METRICS}
-  with _quiet(not verbose), _numpy_aliases():
-    gt = LVIS(annotations)
-    clean = usable_ground_truth(annotations, issues)
-    if len(clean["annotations"]) != len(gt.dataset["annotations"]):
-      gt.dataset = clean
-      gt._create_index()  # pylint: disable=protected-access
-    evaluator = LVISEval(gt, LVISResults(gt, results), "segm")
-    if image_ids is not None:
-      evaluator.params.img_ids = sorted(int(i) for i in image_ids)
-    evaluator.run()
-  if verbose:
-    evaluator.print_results()
-  found = evaluator.get_results()
-  return {name: float(found[name]) for name in LVIS_METRICS}
+  return lvis.lvis_segm_scores(usable_ground_truth(annotations, issues), results, image_ids)
 
 
 def format_table(scores: dict) -> str:
@@ -244,8 +216,10 @@ def run_eval_instances(config, workdir: str, *, segmenter: Optional[Segmenter] =
   with atomic_file(results_path) as tmp, open(tmp, "w") as f:
     json.dump(results, f)
   print(f"wrote {results_path} ({len(results)} masks)")
-  evaluate = evaluate_lvis_segm if data.kind == "lvis" else evaluate_coco_segm
-  scores = evaluate(paths["annotations"], results, image_ids, verbose=True, issues=issues)
+  if data.kind == "lvis":
+    scores = evaluate_lvis_segm(paths["annotations"], results, image_ids, issues=issues)
+  else:
+    scores = evaluate_coco_segm(paths["annotations"], results, image_ids, verbose=True, issues=issues)
   untrained = lazy.untrained
   metrics = {"task": "eval_instances", "dataset": data.kind, "annotations": paths["annotations"],
              "boxes": boxes_source, "num_images": len(image_ids), "num_masks": len(results), "segm": scores,
