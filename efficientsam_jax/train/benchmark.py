@@ -129,21 +129,23 @@ def compiled_cost(compiled, key: str = "flops") -> Optional[float]:
   return float(value) if value and value > 0 else None
 
 
-def saved_residual_bytes(fn: Callable, *args) -> int:
+def saved_residual_bytes(fn: Callable, *args) -> Optional[int]:
   """Bytes of the activations that ``fn``'s backward pass keeps from its forward pass, ``fn``'s arguments not
-  counted (jax's ``print_saved_residuals`` listing; no compilation, the same on every backend)."""
+  counted (jax's ``print_saved_residuals`` listing; no compilation, the same on every backend). None if the
+  listing's format is not understood."""
   listing = io.StringIO()
   with contextlib.redirect_stdout(listing):
     print_saved_residuals(fn, *args)
-  total = 0
+  total, understood = 0, False
   for line in listing.getvalue().splitlines():
-    found = re.match(r"([a-z]+)(\d*)\[([\d,]*)\] ", line)  # e.g. "bf16[8,147,2048] output of ..."
+    found = re.match(r"([a-z]+)(\d*)\[([\d,]*)\]", line)  # e.g. "bf16[8,147,2048] output of ..."
+    understood = understood or found is not None
     if found is None or "from the argument" in line:
       continue
-    kind, bits, shape = found.groups()
+    _, bits, shape = found.groups()
     size = int(np.prod([int(d) for d in shape.split(",") if d]))
     total += size * (int(bits) // 8 if bits else 1)  # "bool" has no width: one byte
-  return total
+  return total if understood else None
 
 
 def compiled_memory_gib(compiled) -> Optional[float]:
@@ -290,9 +292,10 @@ def _bench_sami_setting(args, variant: str, kernels: Kernels, remat: str, peak: 
   compiled = step.lower(state, data, rng).compile()
   compile_s = time.perf_counter() - start
   flops = sami_train_flops_per_image(config) * batch / jax.device_count()  # per device
-  kept = saved_residual_bytes(make_loss_fn(model), state.params, data, rng)
+  loss = make_loss_fn(model)
+  kept = saved_residual_bytes(lambda params: loss(params, data, rng), state.params)  # w.r.t. the parameters
   row = {"dtype": args.dtype, "batch": batch, "compile_s": round(compile_s, 1),
-         "model_gflop_per_step": round(flops / 1e9, 1), "kept_mb_per_example": round(kept / batch / 1e6, 1),
+         "model_gflop_per_step": round(flops / 1e9, 1), "kept_mb_per_example": kept and round(kept / batch / 1e6, 1),
          **_compiled_figures(compiled)}
   if not args.compile_only:
     seconds = time_train_step(compiled, state, data, rng, args, f"sami_{variant}_{_kernels_name(kernels)}_{remat}")
