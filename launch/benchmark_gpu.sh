@@ -3,21 +3,24 @@
 #
 #   bash launch/benchmark_gpu.sh OUTDIR [WHEELS_DIR] [PARTS]
 #
-# PARTS (default: all, in this order): sami_kernels sami teacher finetune sami_options sami_input
-# sami_smoke inference everything. Each part runs under its own time limit so one slow part cannot
-# starve the rest: the SAMI ViT-S step with each attention/LayerNorm/GELU implementation side by
-# side (models/layers.py Kernels), the SAMI train step per student size (img/s, MFU; bf16, batch
-# 256/device), the teacher precompute (ViT-H views/s, XLA and cuDNN attention), the finetuning step
-# (EfficientSAM-Ti/S, 8 images × 64 masks per device, XLA and cuDNN attention), ViT-S at batch 512
-# and with each remat policy (models/layers.py remat), the SAMI input pipeline, the README's SAMI smoke job end to end, the inference
-# benchmark (XLA and cuDNN attention), segment-everything against the notebook's approach.
-# All parts together take ~27 min: give them to the device tool (600 s per call) in two or three
-# calls, most informative first (e.g. "sami_kernels sami", then "teacher finetune sami_options", ...).
+# PARTS (default: all, in this order): sami_kernels sami_profile sami teacher finetune sami_options
+# sami_input sami_smoke inference everything. Each part runs under its own time limit so one slow
+# part cannot starve the rest: the SAMI ViT-S step with each attention/LayerNorm/GELU implementation
+# side by side (models/layers.py Kernels); the top device ops of ViT-S with cuDNN attention, one-pass
+# LayerNorm and tanh GELU, without and with remat "dots" (--profile); the SAMI train step per student
+# size (img/s, MFU; bf16, batch 256/device); the teacher precompute (ViT-H views/s, XLA and cuDNN
+# attention); the finetuning step (EfficientSAM-Ti/S, 8 images × 64 masks per device, XLA and cuDNN
+# attention); ViT-S at batch 512 and with each remat policy (models/layers.py remat); the SAMI input
+# pipeline; the README's SAMI smoke job end to end; the inference benchmark (XLA and cuDNN attention);
+# segment-everything against the notebook's approach.
+# All parts together take ~29 min: give them to the device tool (600 s per call) in three calls,
+# most informative first (e.g. "sami_kernels sami_profile sami", then "teacher finetune sami_options",
+# then the rest).
 # WHEELS_DIR: wheels of packages the machine lacks, installed to /tmp/site first (for machines
 # without a package index).
 set -uo pipefail
 out=${1:?output directory}; wheels=${2:-}
-parts=${3:-sami_kernels sami teacher finetune sami_options sami_input sami_smoke inference everything}
+parts=${3:-sami_kernels sami_profile sami teacher finetune sami_options sami_input sami_smoke inference everything}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -n "$wheels" ]]; then
@@ -40,6 +43,9 @@ for part in $parts; do
     sami_kernels) run sami_kernels 240 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
       --kernels "default;layer_norm=one_pass;layer_norm=one_pass,gelu=tanh;attention=cudnn,layer_norm=one_pass;\
 attention=cudnn,layer_norm=one_pass,gelu=tanh" --json "$out/sami_kernels.json" ;;
+    sami_profile) run sami_profile 120 $bench sami --variants s --batch-per-device 256 --steps 5 --repeats 1 \
+      --kernels "attention=cudnn,layer_norm=one_pass,gelu=tanh" --remat none,dots --profile "$out/trace_sami_s" \
+      --json "$out/sami_profile.json" ;;
     sami) run sami 140 $bench sami --variants ti,s,b --batch-per-device 256 --json "$out/sami_bf16.json" ;;
     teacher) run teacher 200 $bench teacher --modes upsample,native --attention xla,cudnn --batch-per-device 32 \
       --steps 3 --repeats 2 --json "$out/teacher.json" ;;
