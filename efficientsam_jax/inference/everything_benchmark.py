@@ -179,7 +179,7 @@ def run_benchmark(model, params, image: np.ndarray, grids: Sequence[int], points
   return rows
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m efficientsam_jax.inference.everything_benchmark",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--checkpoint", help="EfficientSAM weights directory (default: random weights)")
@@ -195,7 +195,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="random weights: fraction of candidates that pass each calibrated filter")
   parser.add_argument("--repeats", type=int, default=1, help="timed runs per implementation (best is kept)")
   parser.add_argument("--skip-naive-above", type=int, default=0, help="do not run the naive path above this grid")
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = _parse_args(argv)
 
   from efficientsam_jax.common.images import load_rgb  # pylint: disable=import-outside-toplevel
   from efficientsam_jax.models.efficient_sam import EfficientSamConfig, init_params  # pylint: disable=import-outside-toplevel
