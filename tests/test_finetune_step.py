@@ -9,8 +9,9 @@ import pytest
 
 from efficientsam_jax.models.efficient_sam import EfficientSam, EfficientSamConfig, init_params
 from efficientsam_jax.train import prompts, sharding
-from efficientsam_jax.train.finetune import (dice_loss, focal_loss, make_point_eval, make_train_step, mask_iou,
-                                             round_loss)
+from efficientsam_jax.train.benchmark import saved_residual_bytes
+from efficientsam_jax.train.finetune import (dice_loss, focal_loss, make_loss_fn, make_point_eval, make_train_step,
+                                             mask_iou, round_loss)
 from efficientsam_jax.train.loop import jit_train_step
 from efficientsam_jax.train.optim import make_optimizer
 from efficientsam_jax.train.state import create_train_state
@@ -191,6 +192,29 @@ def test_step_on_data_fsdp_mesh_matches_one_device_and_ignores_padding():
   a = step(base, batch, jax.random.PRNGKey(0))[1]["loss"]
   b = step(base, altered, jax.random.PRNGKey(0))[1]["loss"]
   assert float(a) == float(b)
+
+
+def test_remat_keeps_the_loss_and_gradients_and_saves_less():
+  """``remat`` applies to the encoder blocks and to each decoder round (decode + loss) of the step."""
+  params = init_params(EfficientSam(TINY), jax.random.PRNGKey(0))
+  batch = {k: jnp.asarray(v) for k, v in _batch(0, batch=2).items()}
+  prompt_rng, drop_rng = jax.random.split(jax.random.PRNGKey(3))
+
+  def loss_of(remat):
+    loss_fn = make_loss_fn(EfficientSam(TINY, remat=remat), LOSS)
+    return lambda p: loss_fn(p, batch, prompt_rng, drop_rng)[0]
+
+  # The finetuning configs' policy gives the loss and gradients of no remat (each compile takes ~20 s here).
+  reference_loss, reference_grads = jax.jit(jax.value_and_grad(loss_of("none")))(params)
+  loss, grads = jax.jit(jax.value_and_grad(loss_of("projections")))(params)
+  np.testing.assert_allclose(loss, reference_loss, rtol=1e-6)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(reference_grads))
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * scale)
+  kept = {policy: saved_residual_bytes(loss_of(policy), params) for policy in ("none", "dots", "projections", "full")}
+  assert kept["none"] > kept["dots"] > kept["projections"] > kept["full"]
+  # Beyond the encoder's blocks: with "full", about as little is kept as the rounds' inputs and outputs.
+  assert kept["full"] < kept["none"] / 20
 
 
 def test_point_eval_counts_valid_masks_and_is_reproducible():

@@ -52,18 +52,25 @@ REMAT_POLICIES = {
 }
 
 
-def remat(cls: type, policy: "str | bool") -> type:
-  """``cls`` (a block) as is for "none"/False, else ``nn.remat(cls)`` keeping what ``REMAT_POLICIES[policy]`` saves.
-
-  Same parameters and values; only what the backward pass reads from memory and what it recomputes
-  changes. ``True`` means "full" (the whole block recomputed from its input).
-  """
+def remat_policy(policy: "str | bool") -> Callable | None:
+  """The ``jax.checkpoint`` policy named by ``policy`` ("full", "dots", "projections"; ``True`` = "full"), None
+  for "none"/False (no rematerialization)."""
   if policy is False or policy == "none":
-    return cls
+    return None
   name = "full" if policy is True else policy
   if name not in REMAT_POLICIES:
     raise ValueError(f"remat must be 'none' or one of {sorted(REMAT_POLICIES)}, got {policy!r}")
-  return nn.remat(cls, policy=REMAT_POLICIES[name])
+  return REMAT_POLICIES[name]
+
+
+def remat(cls: type, policy: "str | bool") -> type:
+  """``cls`` (a block) as is for "none"/False, else ``nn.remat(cls)`` keeping what the policy saves.
+
+  Same parameters and values; only what the backward pass reads from memory and what it recomputes
+  changes (``remat_policy``).
+  """
+  saved = remat_policy(policy)
+  return cls if saved is None else nn.remat(cls, policy=saved)
 
 
 def layer_norm(eps: float, name: str, dtype: Dtype = jnp.float32, one_pass: bool = False) -> nn.LayerNorm:

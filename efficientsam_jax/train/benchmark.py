@@ -22,6 +22,8 @@ side by side (``layers.Kernels``, same parameters): sets separated by ``;``, eac
 ``1 + correction_steps`` decoder rounds over ``--masks`` masks per image,
 SAM's losses, AdamW) at 1024² on random images and box-shaped masks:
 ms/step, img/s and masks/s (XLA's FLOP count beside it; no MFU yet).
+``sami`` and ``finetune`` rows give the activations kept for the backward pass
+per example (``kept_mb_per_example``), the figure that ``--remat`` changes.
 
 ``teacher``: the precompute job's jitted teacher (uint8 views in, fp16
 features out, host transfers included) on random ViT-H weights: views/s;
@@ -324,7 +326,7 @@ def _bench_finetune_setting(args, variant: str, kernels: Kernels, remat: str) ->
   # pylint: disable=import-outside-toplevel
   from efficientsam_jax.models.efficient_sam import EfficientSam, EfficientSamConfig, init_params
   from efficientsam_jax.train import sharding
-  from efficientsam_jax.train.finetune import make_train_step
+  from efficientsam_jax.train.finetune import make_loss_fn, make_train_step
   from efficientsam_jax.train.finetune_config import get_finetune_config
   from efficientsam_jax.train.loop import jit_train_step
   from efficientsam_jax.train.optim import make_optimizer
@@ -355,11 +357,15 @@ def _bench_finetune_setting(args, variant: str, kernels: Kernels, remat: str) ->
   rng = jax.random.PRNGKey(3)
   start = time.perf_counter()
   compiled = step.lower(state, data, rng).compile()
+  loss = make_loss_fn(model, job.loss)
+  kept = saved_residual_bytes(lambda params: loss(params, data, rng, rng)[0], state.params)
   row = {"dtype": args.dtype, "batch": batch, "masks_per_image": args.masks, "rounds": 1 + args.correction_steps,
-         "compile_s": round(time.perf_counter() - start, 1), **_compiled_figures(compiled)}
-  seconds = time_train_step(compiled, state, data, rng, args, f"finetune_{variant}_{_kernels_name(kernels)}")
-  row.update(ms_per_step=round(1e3 * seconds, 1), img_per_s=round(batch / seconds, 2),
-             masks_per_s=round(batch * args.masks / seconds, 1))
+         "compile_s": round(time.perf_counter() - start, 1), "kept_mb_per_example": kept and round(kept / batch / 1e6),
+         **_compiled_figures(compiled)}
+  if not args.compile_only:
+    seconds = time_train_step(compiled, state, data, rng, args, f"finetune_{variant}_{_kernels_name(kernels)}_{remat}")
+    row.update(ms_per_step=round(1e3 * seconds, 1), img_per_s=round(batch / seconds, 2),
+               masks_per_s=round(batch * args.masks / seconds, 1))
   return row
 
 
@@ -450,6 +456,7 @@ def _parse_args(argv):
   finetune.add_argument("--dtype", default="bfloat16")
   finetune.add_argument("--remat", type=parse_remat, default=["none"], help=REMAT_HELP)
   finetune.add_argument("--fsdp", type=int, default=1)
+  finetune.add_argument("--compile-only", action="store_true")
   teacher = sub.add_parser("teacher", parents=[common])
   teacher.add_argument("--modes", type=lambda s: s.split(","), default=["upsample", "native"])
   teacher.add_argument("--batch-per-device", type=int, default=16)
