@@ -1,7 +1,9 @@
 """The embedded default: precompute → SAMI training on 8 fake devices; the loss falls; a rerun resumes."""
 
 import os
+import re
 
+from efficientsam_jax.train.loop import memory_report
 from efficientsam_jax.train.sami import train_and_evaluate
 from conftest import load_config
 
@@ -13,6 +15,7 @@ def test_smoke_pipeline_learns_and_resumes(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "RANDOM, UNTRAINED" in out and "wrote 2 shard(s)" in out
   assert "mesh {'data': 8, 'fsdp': 1}" in out
+  assert re.search(r"compiled the training step in [\d.]+ s; XLA memory estimate per device: [\d.]+ GiB", out)
   assert result["step"] == 30
   assert result["last_logged_loss"] < 0.7 * result["first_logged_loss"], result
   assert {"20", "30"} <= set(os.listdir(tmp_path / "checkpoints"))  # every 20 steps + the end
@@ -38,3 +41,12 @@ def test_smoke_pipeline_learns_and_resumes(tmp_path, capsys):
   predictor.set_image(np.zeros((32, 48, 3), np.uint8))
   masks, scores, _ = predictor.predict([[10, 10]], [1])
   assert masks.shape == (3, 32, 48) and np.isfinite(scores).all()
+
+
+def test_memory_report_warns_when_the_step_cannot_fit():
+  assert memory_report(None, None) == "XLA memory estimate per device: not available on this backend"
+  assert memory_report(3 * 2**30, None) == "XLA memory estimate per device: 3.00 GiB"
+  assert memory_report(3 * 2**30, 4 * 2**30) == "XLA memory estimate per device: 3.00 GiB of 4.00 GiB"
+  over = memory_report(5 * 2**30, 4 * 2**30)
+  assert over.startswith("WARNING: XLA memory estimate per device: 5.00 GiB of 4.00 GiB: the step will run out")
+  assert "global_batch_size" in over and "remat" in over and "fsdp" in over

@@ -56,6 +56,7 @@ import numpy as np
 from jax.ad_checkpoint import print_saved_residuals
 
 from efficientsam_jax.models.layers import REMAT_POLICIES, Kernels
+from efficientsam_jax.train.loop import compiled_memory_bytes
 
 # Dense bf16 matrix peak per chip (vendor datasheets), TFLOP/s, by a substring of device_kind.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0,
@@ -148,16 +149,6 @@ def saved_residual_bytes(fn: Callable, *args) -> Optional[int]:
     size = int(np.prod([int(d) for d in shape.split(",") if d]))
     total += size * (int(bits) // 8 if bits else 1)  # "bool" has no width: one byte
   return total if understood else None
-
-
-def compiled_memory_gib(compiled) -> Optional[float]:
-  """XLA's estimate of a compiled computation's device memory per device (arguments + temporaries)."""
-  try:
-    m = compiled.memory_analysis()
-    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            - m.alias_size_in_bytes) / 2**30
-  except Exception:  # pylint: disable=broad-except  # not every backend implements it
-    return None
 
 
 def time_steps(run_step, steps: int, repeats: int) -> float:
@@ -310,9 +301,10 @@ def _bench_sami_setting(args, variant: str, kernels: Kernels, remat: str, peak: 
 def _compiled_figures(compiled) -> dict:
   """XLA's FLOPs, bytes accessed and memory estimate of a compiled step."""
   flops, bytes_accessed = compiled_cost(compiled), compiled_cost(compiled, "bytes accessed")
+  memory = compiled_memory_bytes(compiled)
   return {"xla_gflop_per_step": flops and round(flops / 1e9, 1),
           "xla_gbytes_per_step": bytes_accessed and round(bytes_accessed / 1e9, 2),
-          "xla_mem_gib": compiled_memory_gib(compiled)}
+          "xla_mem_gib": memory and round(memory / 2**30, 2)}
 
 
 def bench_finetune(args) -> list[dict]:

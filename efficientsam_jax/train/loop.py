@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any, Callable, Optional
 
 import jax
@@ -47,6 +48,46 @@ def optimizer_for(config, num_examples: int):
   return tx, schedule, total_steps
 
 
+def compiled_memory_bytes(compiled) -> Optional[int]:
+  """XLA's estimate of a compiled computation's memory per device (arguments, outputs and temporaries;
+  donated buffers counted once); None where the backend has no memory analysis."""
+  try:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    return None
+
+
+def memory_report(estimate: Optional[int], limit: Optional[int]) -> str:
+  """The line the loop prints about the compiled step's memory per device: a warning, with what to change,
+  when XLA's estimate is over what the device's allocator may use."""
+  if estimate is None:
+    return "XLA memory estimate per device: not available on this backend"
+  line = f"XLA memory estimate per device: {estimate / 2**30:.2f} GiB"
+  if not limit:
+    return line
+  line += f" of {limit / 2**30:.2f} GiB"
+  if estimate > limit:
+    line = (f"WARNING: {line}: the step will run out of memory. Lower global_batch_size, or set remat "
+            f"(\"dots\", \"projections\" or \"full\": models/layers.py remat), or shard the state over more devices "
+            f"(mesh.fsdp)")
+  return line
+
+
+def compile_step(step_fn: Callable, state, batch, rng) -> Callable:
+  """``step_fn`` (a ``jax.jit`` function) compiled ahead of time for the first batch; prints how long that
+  took and XLA's memory estimate against the device's limit (``memory_report``). Anything else is returned
+  as it is."""
+  if not hasattr(step_fn, "lower"):
+    return step_fn
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, batch, rng).compile()
+  stats = jax.local_devices()[0].memory_stats() or {}
+  print(f"compiled the training step in {time.perf_counter() - start:.1f} s; "
+        f"{memory_report(compiled_memory_bytes(compiled), stats.get('bytes_limit'))}", flush=True)
+  return compiled
+
+
 @dataclasses.dataclass
 class LoopResult:
   state: Any
@@ -80,12 +121,16 @@ def train_loop(*, state, shardings, step_fn: Callable, iterator, mesh, workdir: 
   writer.start(result.step)
   print(f"{description}{total_steps} steps of {examples_per_step}, mesh {dict(mesh.shape)}")
   preempted = PreemptionFlag()
+  compiled = None
   try:
     while result.step < total_steps:
       local = next(iterator)
       if batch_keys is not None:
         local = {k: local[k] for k in batch_keys}
-      result.state, metrics = step_fn(result.state, sharding.global_batch(local, mesh), rng)
+      batch = sharding.global_batch(local, mesh)
+      if compiled is None:
+        compiled = compile_step(step_fn, result.state, batch, rng)
+      result.state, metrics = compiled(result.state, batch, rng)
       result.step += 1
       if result.step % log_every_steps == 0 or result.step == total_steps:
         values = writer.write(result.step, metrics)
