@@ -50,7 +50,7 @@ attention=cudnn,layer_norm=one_pass,gelu=tanh" --json "$out/sami_kernels.json" ;
     teacher) run teacher 200 $bench teacher --modes upsample,native --attention xla,cudnn --batch-per-device 32 \
       --steps 3 --repeats 2 --json "$out/teacher.json" ;;
     finetune) run finetune 300 $bench finetune --variants ti,s --batch-per-device 8 --masks 64 \
-      --kernels "default;attention=cudnn" --remat projections --json "$out/finetune.json" ;;
+      --kernels "default;attention=cudnn" --json "$out/finetune.json" ;;
     sami_options)
       run sami_options 90 $bench sami --variants s --batch-per-device 512 --json "$out/sami_s512.json"
       run sami_options 180 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \

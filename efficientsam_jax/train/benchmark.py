@@ -434,7 +434,7 @@ def _parse_args(argv):
   sami.add_argument("--variants", type=lambda s: s.split(","), default=["ti", "s", "b"])
   sami.add_argument("--batch-per-device", type=int, default=256)
   sami.add_argument("--dtype", default="bfloat16")
-  sami.add_argument("--remat", type=parse_remat, default=["none"], help=REMAT_HELP)
+  sami.add_argument("--remat", type=parse_remat, default=["none"], help=REMAT_HELP + " (default: the SAMI configs')")
   sami.add_argument("--fsdp", type=int, default=1)
   sami.add_argument("--peak-tflops", type=float, default=0.0, help="override the per-chip bf16 peak")
   sami.add_argument("--compile-only", action="store_true")
@@ -446,7 +446,8 @@ def _parse_args(argv):
   finetune.add_argument("--masks", type=int, default=64, help="masks per image")
   finetune.add_argument("--correction-steps", type=int, default=2)
   finetune.add_argument("--dtype", default="bfloat16")
-  finetune.add_argument("--remat", type=parse_remat, default=["none"], help=REMAT_HELP)
+  finetune.add_argument("--remat", type=parse_remat, default=["projections"],
+                        help=REMAT_HELP + " (default: the finetuning configs' choice)")
   finetune.add_argument("--fsdp", type=int, default=1)
   finetune.add_argument("--compile-only", action="store_true")
   teacher = sub.add_parser("teacher", parents=[common])
