@@ -13,9 +13,9 @@
 # attention); ViT-S at batch 512 and with each remat policy (models/layers.py remat); the SAMI input
 # pipeline; the README's SAMI smoke job end to end; the inference benchmark (XLA and cuDNN attention);
 # segment-everything against the notebook's approach.
-# All parts together take ~29 min: give them to the device tool (600 s per call) in three calls,
-# most informative first (e.g. "sami_kernels sami_profile sami", then "teacher finetune sami_options",
-# then the rest).
+# All parts together take ~29 min, more than one session's device time (15 min, machine start included):
+# most informative first, one call per line: "sami_kernels sami_profile" (≤ 6 min), then
+# "sami sami_options" (≤ 7.5 min), then "teacher finetune" (≤ 8.5 min), then the rest.
 # WHEELS_DIR: wheels of packages the machine lacks, installed to /tmp/site first (for machines
 # without a package index).
 set -uo pipefail
