@@ -224,6 +224,15 @@ def test_lvis_equals_cocoeval_when_every_label_is_verified(tmp_path, one_categor
   assert ours == pytest.approx(reference, abs=1e-12)
 
 
+def test_job_scores_an_lvis_file_with_the_federated_evaluation(tmp_path):
+  path, _, _ = _lvis_variant(tmp_path, neg={1000: [4]})
+  clean = write_synthetic_dataset(str(tmp_path / "clean"), bad_annotations=False)
+  config = _config({**clean, "annotations": path}, "gt")
+  metrics = instances.run_eval_instances(config, str(tmp_path / "run"), segmenter=BoxOracle(coco.load_coco(path)))
+  assert metrics["dataset"] == "lvis"
+  assert metrics["segm"] == pytest.approx({name: 1.0 for name in instances.LVIS_METRICS}, abs=1e-12)
+
+
 def test_lvis_matches_gt_inside_the_area_range_first():
   """A small GT inside a medium one, and a detection overlapping both (IoU 0.73 and 0.77): in the "small"
   range the medium GT is ignored, and the detection must take the small GT wherever its IoU passes (5 of the
