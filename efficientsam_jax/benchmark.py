@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficientsam_jax.models import efficient_sam as esam
-from efficientsam_jax.models.layers import Kernels
+from efficientsam_jax.models.layers import ATTENTION_IMPLEMENTATIONS, Kernels
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _POINTS_PER_PROMPT = 1  # one positive click (the model pads it as the official model does)
@@ -305,8 +305,8 @@ def _parse_args(argv):
   parser.add_argument("--json", help="write the header and rows to this file")
   parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
   args = parser.parse_args(argv)
-  if set(args.attention) - {"xla", "cudnn"}:
-    parser.error(f"--attention takes xla and/or cudnn, got {args.attention}")
+  if set(args.attention) - set(ATTENTION_IMPLEMENTATIONS):
+    parser.error(f"--attention takes {' and/or '.join(ATTENTION_IMPLEMENTATIONS)}, got {args.attention}")
   unknown = sorted(set(args.dtypes) - set(_DTYPES))
   if unknown:
     parser.error(f"unknown dtypes {unknown}; choose from {sorted(_DTYPES)}")

@@ -22,6 +22,9 @@ def exact_gelu(x: jax.Array) -> jax.Array:
   return jax.nn.gelu(x, approximate=False)
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla") -> jax.Array:
   """Softmax attention on [..., T, N, H] (tokens, heads, head dim) → [..., T, N, H].
 
@@ -32,10 +35,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "x
   "cudnn": cuDNN's fused (flash) attention through ``jax.nn.dot_product_attention``,
   which reads this layout as it is (no head transposes); NVIDIA GPUs, bf16/fp16, [B, T, N, H].
   """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
   if implementation == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-  if implementation != "xla":
-    raise ValueError(f"attention implementation must be 'xla' or 'cudnn', got {implementation!r}")
   q, k, v = (jnp.swapaxes(t, -3, -2) for t in (q, k, v))
   logits = jnp.matmul(q * (q.shape[-1] ** -0.5), jnp.swapaxes(k, -1, -2),
                       preferred_element_type=jnp.float32)
@@ -96,7 +99,7 @@ class Kernels:
   gelu: str = "exact"
 
   def __post_init__(self):
-    for field, allowed in (("attention", ("xla", "cudnn")), ("layer_norm", ("two_pass", "one_pass")),
+    for field, allowed in (("attention", ATTENTION_IMPLEMENTATIONS), ("layer_norm", ("two_pass", "one_pass")),
                            ("gelu", ("exact", "tanh"))):
       if getattr(self, field) not in allowed:
         raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientsam_jax.common.config import JsonConfig
-from efficientsam_jax.models.layers import exact_gelu, layer_norm
+from efficientsam_jax.models.layers import ATTENTION_IMPLEMENTATIONS, exact_gelu, layer_norm, remat
 from efficientsam_jax.models.resize import resize
 from efficientsam_jax.models.vit import PatchEmbed
 
@@ -169,13 +169,13 @@ class SamAttention(nn.Module):
       init = nn.initializers.zeros
       rel_h = relative_position_bias_table(self.param("rel_pos_h", init, (span, head_dim)), h)
       rel_w = relative_position_bias_table(self.param("rel_pos_w", init, (span, head_dim)), w)
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
     if self.attention == "cudnn":
       folded = fold_relative_positions(q, k, v, rel_h, rel_w)
       out = jax.nn.dot_product_attention(*folded, scale=1.0, implementation="cudnn")[..., :head_dim]
-    elif self.attention == "xla":
-      out = sam_attention(q, k, v, rel_h, rel_w)
     else:
-      raise ValueError(f"attention must be 'xla' or 'cudnn', got {self.attention!r}")
+      out = sam_attention(q, k, v, rel_h, rel_w)
     return nn.Dense(dim, dtype=self.dtype, name="proj")(out.reshape(b, h, w, dim))
 
 
@@ -248,7 +248,7 @@ class SamImageEncoder(nn.Module):
 
   config: SamEncoderConfig
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: str | bool = "none"  # layers.remat: "none", "full", "dots", "projections"
   attention: str = "xla"  # "xla" or "cudnn" (SamAttention)
 
   @nn.compact
@@ -257,7 +257,7 @@ class SamImageEncoder(nn.Module):
     x = PatchEmbed(c.embed_dim, c.patch_size, dtype=self.dtype, name="patch_embed")(images)
     pos_embed = self.param("pos_embed", nn.initializers.zeros, (1, c.grid_size, c.grid_size, c.embed_dim))
     x = x + resize(pos_embed, x.shape[1:3], "bicubic").astype(x.dtype)
-    block_cls = nn.remat(SamBlock) if self.remat else SamBlock
+    block_cls = remat(SamBlock, self.remat)
     for i in range(c.depth):
       window = 0 if i in c.global_attn_indexes else c.window_size
       x = block_cls(c.num_heads, c.mlp_ratio, c.qkv_bias, c.use_rel_pos, window,

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -55,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import print_saved_residuals
 
-from efficientsam_jax.models.layers import REMAT_POLICIES, Kernels
+from efficientsam_jax.models.layers import Kernels, remat_policy
 from efficientsam_jax.train.loop import compiled_memory_bytes
 
 # Dense bf16 matrix peak per chip (vendor datasheets), TFLOP/s, by a substring of device_kind.
@@ -114,11 +115,13 @@ REMAT_HELP = "','-separated remat policies to compare: none, full, dots, project
 
 
 def parse_remat(text: str) -> list[str]:
-  """``"none,dots"`` → ["none", "dots"], each checked against ``layers.REMAT_POLICIES``."""
+  """``"none,dots"`` → ["none", "dots"], each checked by ``layers.remat_policy``."""
   policies = [p.strip() for p in text.split(",")]
-  bad = [p for p in policies if p != "none" and p not in REMAT_POLICIES]
-  if bad:
-    raise argparse.ArgumentTypeError(f"unknown remat policy {bad}; known: none, {', '.join(REMAT_POLICIES)}")
+  for policy in policies:
+    try:
+      remat_policy(policy)
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(str(e)) from e
   return policies
 
 
@@ -248,12 +251,14 @@ def _kernels_name(kernels: Kernels) -> str:
   return f"{kernels.attention}_{kernels.layer_norm}_{kernels.gelu}"
 
 
+def _model_settings(args) -> list[dict]:
+  """Every student / model size × kernel set × remat policy of ``sami`` and ``finetune``."""
+  return [{"variant": v, "kernels": k, "remat": r} for v in args.variants for k in args.kernels for r in args.remat]
+
+
 def bench_sami(args) -> list[dict]:
   peak = peak_tflops(jax.devices()[0], args.peak_tflops)
-  settings = [{"variant": v, "kernels": k, "remat": r} for v in args.variants for k in args.kernels
-              for r in args.remat]
-  return each_setting(settings, lambda variant, kernels, remat: _bench_sami_setting(args, variant, kernels, remat,
-                                                                                     peak))
+  return each_setting(_model_settings(args), functools.partial(_bench_sami_setting, args, peak=peak))
 
 
 def _bench_sami_setting(args, variant: str, kernels: Kernels, remat: str, peak: Optional[float]) -> dict:
@@ -308,10 +313,7 @@ def _compiled_figures(compiled) -> dict:
 
 
 def bench_finetune(args) -> list[dict]:
-  settings = [{"variant": v, "kernels": k, "remat": r} for v in args.variants for k in args.kernels
-              for r in args.remat]
-  return each_setting(settings, lambda variant, kernels, remat: _bench_finetune_setting(args, variant, kernels,
-                                                                                        remat))
+  return each_setting(_model_settings(args), functools.partial(_bench_finetune_setting, args))
 
 
 def _bench_finetune_setting(args, variant: str, kernels: Kernels, remat: str) -> dict:
@@ -349,10 +351,11 @@ def _bench_finetune_setting(args, variant: str, kernels: Kernels, remat: str) ->
   rng = jax.random.PRNGKey(3)
   start = time.perf_counter()
   compiled = step.lower(state, data, rng).compile()
+  compile_s = time.perf_counter() - start
   loss = make_loss_fn(model, job.loss)
   kept = saved_residual_bytes(lambda params: loss(params, data, rng, rng)[0], state.params)
   row = {"dtype": args.dtype, "batch": batch, "masks_per_image": args.masks, "rounds": 1 + args.correction_steps,
-         "compile_s": round(time.perf_counter() - start, 1), "kept_mb_per_example": kept and round(kept / batch / 1e6),
+         "compile_s": round(compile_s, 1), "kept_mb_per_example": kept and round(kept / batch / 1e6),
          **_compiled_figures(compiled)}
   if not args.compile_only:
     seconds = time_train_step(compiled, state, data, rng, args, f"finetune_{variant}_{_kernels_name(kernels)}_{remat}")
