@@ -3,24 +3,24 @@
 #
 #   bash launch/benchmark_gpu.sh OUTDIR [WHEELS_DIR] [PARTS]
 #
-# PARTS (default: all, in this order): sami_kernels sami_profile sami teacher finetune sami_options
+# PARTS (default: all, in this order): sami_profile sami sami_kernels sami_options teacher finetune
 # sami_input sami_smoke inference everything. Each part runs under its own time limit so one slow
-# part cannot starve the rest: the SAMI ViT-S step with each attention/LayerNorm/GELU implementation
-# side by side (models/layers.py Kernels); the top device ops of ViT-S with cuDNN attention, one-pass
-# LayerNorm and tanh GELU, without and with remat "dots" (--profile); the SAMI train step per student
-# size (img/s, MFU; bf16, batch 256/device); the teacher precompute (ViT-H views/s, XLA and cuDNN
-# attention); the finetuning step (EfficientSAM-Ti/S, 8 images × 64 masks per device, XLA and cuDNN
-# attention); ViT-S at batch 512 and with each remat policy (models/layers.py remat); the SAMI input
-# pipeline; the README's SAMI smoke job end to end; the inference benchmark (XLA and cuDNN attention);
-# segment-everything against the notebook's approach.
-# All parts together take ~29 min, more than one session's device time (15 min, machine start included):
-# most informative first, one call per line: "sami_kernels sami_profile" (≤ 6 min), then
-# "sami sami_options" (≤ 7.5 min), then "teacher finetune" (≤ 8.5 min), then the rest.
+# part cannot starve the rest: the top device ops (HLO instructions) of the ViT-S step with the SAMI
+# configs' kernels (attention "auto" = cuDNN on the GPU) (--profile); the SAMI train step per student
+# size (img/s, MFU; bf16, batch 256/device); ViT-S with other attention/LayerNorm/GELU choices side by
+# side (models/layers.py Kernels); ViT-S at batch 512 and with remat (models/layers.py remat); the
+# teacher precompute (ViT-H views/s, XLA and cuDNN attention); the finetuning step (EfficientSAM-Ti/S,
+# 8 images × 64 masks per device, XLA and cuDNN attention); the SAMI input pipeline; the README's SAMI
+# smoke job end to end; the inference benchmark (XLA and cuDNN attention); segment-everything against
+# the notebook's approach.
+# All parts together take ~28 min, more than one session's device time (15 min, machine start ~30 s
+# included): most informative first, one call per line: "sami_profile sami" (≤ 4.5 min), then
+# "sami_kernels sami_options" (≤ 6 min), then "teacher finetune" (≤ 8.5 min), then the rest.
 # WHEELS_DIR: wheels of packages the machine lacks, installed to /tmp/site first (for machines
 # without a package index).
 set -uo pipefail
 out=${1:?output directory}; wheels=${2:-}
-parts=${3:-sami_kernels sami_profile sami teacher finetune sami_options sami_input sami_smoke inference everything}
+parts=${3:-sami_profile sami sami_kernels sami_options teacher finetune sami_input sami_smoke inference everything}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -n "$wheels" ]]; then
@@ -40,21 +40,20 @@ run() {  # run NAME SECONDS COMMAND...
 bench="python3 -m efficientsam_jax.train.benchmark"
 for part in $parts; do
   case $part in
-    sami_kernels) run sami_kernels 240 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
-      --kernels "default;layer_norm=one_pass;layer_norm=one_pass,gelu=tanh;attention=cudnn,layer_norm=one_pass;\
-attention=cudnn,layer_norm=one_pass,gelu=tanh" --json "$out/sami_kernels.json" ;;
-    sami_profile) run sami_profile 120 $bench sami --variants s --batch-per-device 256 --steps 5 --repeats 1 \
-      --kernels "attention=cudnn,layer_norm=one_pass,gelu=tanh" --remat none,dots --profile "$out/trace_sami_s" \
-      --json "$out/sami_profile.json" ;;
-    sami) run sami 140 $bench sami --variants ti,s,b --batch-per-device 256 --json "$out/sami_bf16.json" ;;
+    sami_profile) run sami_profile 90 $bench sami --variants s --batch-per-device 256 --steps 5 --repeats 1 \
+      --profile "$out/trace_sami_s" --json "$out/sami_profile.json" ;;
+    sami) run sami 160 $bench sami --variants ti,s,b --batch-per-device 256 --json "$out/sami_bf16.json" ;;
+    sami_kernels) run sami_kernels 180 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
+      --kernels "attention=xla,layer_norm=one_pass;attention=cudnn,layer_norm=one_pass;\
+attention=cudnn,layer_norm=one_pass,gelu=tanh;attention=cudnn,layer_norm=two_pass" --json "$out/sami_kernels.json" ;;
+    sami_options)
+      run sami_options 70 $bench sami --variants s --batch-per-device 512 --json "$out/sami_s512.json"
+      run sami_options 110 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
+        --remat projections,full --json "$out/sami_s_remat.json" ;;
     teacher) run teacher 200 $bench teacher --modes upsample,native --attention xla,cudnn --batch-per-device 32 \
       --steps 3 --repeats 2 --json "$out/teacher.json" ;;
     finetune) run finetune 300 $bench finetune --variants ti,s --batch-per-device 8 --masks 64 \
       --kernels "default;attention=cudnn" --json "$out/finetune.json" ;;
-    sami_options)
-      run sami_options 90 $bench sami --variants s --batch-per-device 512 --json "$out/sami_s512.json"
-      run sami_options 180 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
-        --remat dots,projections,full --json "$out/sami_s_remat.json" ;;
     sami_input) run sami_input 40 $bench sami-input --records 4096 --batch 256 --steps 8 --json "$out/sami_input.json" ;;
     sami_smoke) run sami_smoke 60 python3 -m efficientsam_jax.main --config=configs/sami_vits.py:smoke \
       --workdir=/tmp/sami_smoke ;;

@@ -1,6 +1,7 @@
 """SAMI model: MAE masking, restore order, decoders, losses, and export of the student."""
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -8,11 +9,13 @@ import pytest
 from flax import traverse_util
 
 from efficientsam_jax.models import EfficientSam, EfficientSamConfig, init_params
+from efficientsam_jax.models import layers
 from efficientsam_jax.models.layers import Kernels
 from efficientsam_jax.models.sami import (SamiConfig, SamiModel, random_masking, sami_loss,
                                           student_encoder_params, take_permuted)
 from efficientsam_jax.train.benchmark import saved_residual_bytes
 from efficientsam_jax.train.sami import make_loss_fn
+from efficientsam_jax.train.sami_config import get_sami_config
 
 TINY = dict(encoder_embed_dim=48, encoder_depth=2, encoder_num_heads=3, img_size=64,
             decoder_dim=32, decoder_depth=2, decoder_num_heads=4, target_dim=8)
@@ -70,23 +73,57 @@ def test_kernels_change_the_computation_not_the_parameters():
     Kernels(attention="flash")
 
 
-def test_cudnn_attention_call_matches_ours(monkeypatch):
-  """``attention="cudnn"`` hands [B, T, N, H] to ``jax.nn.dot_product_attention``; with its XLA kernel swapped
-  in for cuDNN's (none here) the SAMI model's outputs are ours."""
-  config = SamiConfig(**TINY)
-  images, mask_rng = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3)), jax.random.PRNGKey(1)
+@pytest.mark.parametrize("size", [64, 48])  # 16 tokens (4 visible), and 9 (2 visible, 7 queries): odd counts
+def test_cudnn_attention_call_matches_ours(monkeypatch, size):
+  """``attention="cudnn"`` hands [B, T, N, H] to ``jax.nn.dot_product_attention``, with even token counts (what
+  its backward pass needs); with its XLA kernel swapped in for cuDNN's (none here) the SAMI model's outputs and
+  gradients are ours."""
+  config = SamiConfig(**{**TINY, "img_size": size})
+  images, mask_rng = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 3)), jax.random.PRNGKey(1)
   params = SamiModel(config).init(jax.random.PRNGKey(2), images, mask_rng)
-  reference, _ = SamiModel(config).apply(params, images, mask_rng)
-  real, kernels = jax.nn.dot_product_attention, []
+  real, kernels, lengths = jax.nn.dot_product_attention, [], set()
 
-  def xla_kernel(*args, implementation=None, **kwargs):
+  def xla_kernel(q, k, v, *args, implementation=None, **kwargs):
     kernels.append(implementation)
-    return real(*args, implementation="xla", **kwargs)
+    lengths.update((q.shape[1], k.shape[1]))
+    return real(q, k, v, *args, implementation="xla", **kwargs)
 
+  def outputs(kernels):
+    model = SamiModel(config, kernels=kernels)
+    loss = lambda p: jnp.sum(jnp.sin(model.apply(p, images, mask_rng)[0]))
+    return model.apply(params, images, mask_rng)[0], jax.grad(loss)(params)
+
+  reference, reference_grads = outputs(Kernels())
   monkeypatch.setattr(jax.nn, "dot_product_attention", xla_kernel)
-  predictions, _ = SamiModel(config, kernels=Kernels(attention="cudnn")).apply(params, images, mask_rng)
+  predictions, grads = outputs(Kernels(attention="cudnn"))
   np.testing.assert_allclose(predictions, reference, atol=1e-5 * float(jnp.abs(reference).max()))
-  assert kernels == ["cudnn"] * (TINY["encoder_depth"] + TINY["decoder_depth"])
+  flat, flat_reference = (jax.flatten_util.ravel_pytree(g)[0] for g in (grads, reference_grads))
+  np.testing.assert_allclose(flat, flat_reference, atol=1e-5 * float(jnp.abs(flat_reference).max()))
+  assert kernels[:TINY["encoder_depth"] + TINY["decoder_depth"]] == ["cudnn"] * (
+      TINY["encoder_depth"] + TINY["decoder_depth"])
+  assert all(n % 2 == 0 for n in lengths), lengths
+  assert (size == 48) == (lengths != {4, 12, 16})  # 48: the odd counts 2+1, 7+1 and 9+1 were padded
+
+
+def test_auto_attention_is_cudnn_on_nvidia_gpus_in_half_precision(monkeypatch):
+  """The SAMI configs' "auto": cuDNN's kernel where it runs (an NVIDIA GPU, bf16/fp16), XLA's elsewhere."""
+  assert get_sami_config("s").kernels.attention == "auto"
+  for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+    assert layers.resolve_attention("auto", dtype) == "xla"  # this CPU
+  assert layers.resolve_attention("cudnn", jnp.float32) == "cudnn"
+  with pytest.raises(ValueError, match="must be one of"):
+    layers.resolve_attention("flash", jnp.bfloat16)
+  monkeypatch.setattr(layers, "_on_cuda", lambda: True)
+  assert [layers.resolve_attention("auto", d) for d in (jnp.bfloat16, jnp.float16, jnp.float32)] == [
+      "cudnn", "cudnn", "xla"]
+  called = []
+  monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, implementation=None, **k: called.append(
+      implementation) or jnp.zeros_like(a[0]))
+  config = SamiConfig(**TINY)
+  images = jnp.zeros((1, 64, 64, 3))
+  model = SamiModel(config, dtype=jnp.bfloat16, kernels=Kernels(attention="auto"))
+  model.init(jax.random.PRNGKey(0), images, jax.random.PRNGKey(1))
+  assert called == ["cudnn"] * (TINY["encoder_depth"] + TINY["decoder_depth"])
 
 
 @pytest.mark.parametrize("decoder_type", ["cross", "self"])

@@ -22,7 +22,22 @@ def exact_gelu(x: jax.Array) -> jax.Array:
   return jax.nn.gelu(x, approximate=False)
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+
+
+def _on_cuda() -> bool:
+  device = jax.devices()[0]
+  return device.platform == "gpu" and "cuda" in str(getattr(device.client, "platform_version", "")).lower()
+
+
+def resolve_attention(implementation: str, dtype: Dtype) -> str:
+  """"auto" → "cudnn" on NVIDIA GPUs in bf16/fp16 (SAMI ViT-S step 1.3× faster on an H200, BENCHMARKS.md),
+  else "xla"; "xla" and "cudnn" as they are."""
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
+  if implementation != "auto":
+    return implementation
+  return "cudnn" if _on_cuda() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla") -> jax.Array:
@@ -34,16 +49,27 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "x
   Logits and softmax are fp32 whatever the compute dtype.
   "cudnn": cuDNN's fused (flash) attention through ``jax.nn.dot_product_attention``,
   which reads this layout as it is (no head transposes); NVIDIA GPUs, bf16/fp16, [B, T, N, H].
+  Its backward pass needs even token counts (jax 0.11 refuses e.g. SAMI's 49 visible tokens), so an
+  odd count is padded by one: a query row whose output is dropped, a key masked out by its length.
+  "auto": one of the two by the backend and q's dtype (``resolve_attention``).
   """
-  if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
-  if implementation == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  if resolve_attention(implementation, q.dtype) == "cudnn":
+    return _even_length_attention(q, k, v, implementation="cudnn")
   q, k, v = (jnp.swapaxes(t, -3, -2) for t in (q, k, v))
   logits = jnp.matmul(q * (q.shape[-1] ** -0.5), jnp.swapaxes(k, -1, -2),
                       preferred_element_type=jnp.float32)
   out = jax.nn.softmax(logits, axis=-1).astype(v.dtype) @ v
   return jnp.swapaxes(out, -3, -2)
+
+
+def _even_length_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
+  """``jax.nn.dot_product_attention`` on [B, T, N, H] with T and the key count padded to even numbers."""
+  queries, keys = q.shape[-3], k.shape[-3]
+  pad = lambda x, extra: jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(0, extra), (0, 0), (0, 0)]) if extra else x
+  lengths = jnp.full(q.shape[:-3], keys, jnp.int32) if keys % 2 else None
+  out = jax.nn.dot_product_attention(pad(q, queries % 2), pad(k, keys % 2), pad(v, keys % 2),
+                                     key_value_seq_lengths=lengths, implementation=implementation)
+  return out[..., :queries, :, :]
 
 
 # What a rematerialized block keeps for the backward pass (``remat``); the rest is recomputed there.
@@ -88,7 +114,7 @@ def layer_norm(eps: float, name: str, dtype: Dtype = jnp.float32, one_pass: bool
 class Kernels:
   """How a transformer block computes attention, LayerNorm and GELU: speed choices over the same parameters.
 
-  attention: "xla" or "cudnn" (see ``attention``).
+  attention: "xla", "cudnn" or "auto" (see ``attention``).
   layer_norm: "two_pass" (PyTorch's variance) or "one_pass" (see ``layer_norm``).
   gelu: "exact" (erf, PyTorch's ``nn.GELU()``) or "tanh" (the tanh approximation, max. error ~5e-4).
   The defaults compute exactly what the official PyTorch modules do.

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientsam_jax.common.config import JsonConfig
-from efficientsam_jax.models.layers import ATTENTION_IMPLEMENTATIONS, exact_gelu, layer_norm, remat
+from efficientsam_jax.models.layers import exact_gelu, layer_norm, remat, resolve_attention
 from efficientsam_jax.models.resize import resize
 from efficientsam_jax.models.vit import PatchEmbed
 
@@ -146,7 +146,8 @@ class SamAttention(nn.Module):
   ``attention`` "xla": the official computation (``sam_attention``, logits materialized a block of
   queries at a time); "cudnn": the same function through ``fold_relative_positions`` and cuDNN's
   fused attention (NVIDIA GPUs, bf16/fp16), which never materializes the logits (the 4096 × 4096 of
-  the global blocks at 1024).
+  the global blocks at 1024); "auto": "cudnn" on NVIDIA GPUs in bf16/fp16, else "xla"
+  (``layers.resolve_attention``).
   """
 
   num_heads: int
@@ -169,9 +170,7 @@ class SamAttention(nn.Module):
       init = nn.initializers.zeros
       rel_h = relative_position_bias_table(self.param("rel_pos_h", init, (span, head_dim)), h)
       rel_w = relative_position_bias_table(self.param("rel_pos_w", init, (span, head_dim)), w)
-    if self.attention not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
-    if self.attention == "cudnn":
+    if resolve_attention(self.attention, q.dtype) == "cudnn":
       folded = fold_relative_positions(q, k, v, rel_h, rel_w)
       out = jax.nn.dot_product_attention(*folded, scale=1.0, implementation="cudnn")[..., :head_dim]
     else:
@@ -249,7 +248,7 @@ class SamImageEncoder(nn.Module):
   config: SamEncoderConfig
   dtype: Dtype = jnp.float32
   remat: str | bool = "none"  # layers.remat: "none", "full", "dots", "projections"
-  attention: str = "xla"  # "xla" or "cudnn" (SamAttention)
+  attention: str = "xla"  # "xla", "cudnn" or "auto" (SamAttention)
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:

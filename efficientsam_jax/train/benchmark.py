@@ -56,8 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import print_saved_residuals
 
-from efficientsam_jax.models.layers import Kernels, remat_policy
+from efficientsam_jax.models.layers import Kernels, remat_policy, resolve_attention
 from efficientsam_jax.train.loop import compiled_memory_bytes
+from efficientsam_jax.train.sami_config import get_sami_config
 
 # Dense bf16 matrix peak per chip (vendor datasheets), TFLOP/s, by a substring of device_kind.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0,
@@ -171,8 +172,8 @@ def profile_top_ops(run, trace_dir: str, calls: int = 3, top: int = 25) -> list[
   """Traces ``calls`` calls of ``run`` and returns the device ops that took the most time.
 
   Reads the trace back with ``jax.profiler.ProfileData``: on an accelerator the
-  ops of the device planes' "XLA Ops" lines (fusions, GEMMs, ... with the JAX
-  source op that made them), on CPU the host's XLA thread events. Each row:
+  ops of the device planes' "XLA Ops" lines (fusions, GEMMs, ... with their HLO
+  instruction), on CPU the host's XLA thread events. Each row:
   op name, total ms per call, share of the op time, count, and its JAX op name.
   """
   import glob  # pylint: disable=import-outside-toplevel
@@ -196,7 +197,8 @@ def profile_top_ops(run, trace_dir: str, calls: int = 3, top: int = 25) -> list[
         counts[event.name] = counts.get(event.name, 0) + 1
         if event.name not in sources:
           stats = dict(event.stats)
-          sources[event.name] = str(stats.get("tf_op") or stats.get("long_name") or "")[:140]
+          # the HLO instruction (shapes, fusion kind) where the trace has it; jax 0.11's GPU "tf_op" is "XlaModule:"
+          sources[event.name] = str(stats.get("long_name") or stats.get("tf_op") or "")[:140]
   grand = sum(totals.values()) or 1.0
   rows = [{"op": name, "ms_per_call": round(ns / 1e6 / calls, 3), "share": round(ns / grand, 3),
            "count": counts[name] // calls, "source": sources[name]}
@@ -252,8 +254,10 @@ def _kernels_name(kernels: Kernels) -> str:
 
 
 def _model_settings(args) -> list[dict]:
-  """Every student / model size × kernel set × remat policy of ``sami`` and ``finetune``."""
-  return [{"variant": v, "kernels": k, "remat": r} for v in args.variants for k in args.kernels for r in args.remat]
+  """Every student / model size × kernel set × remat policy of ``sami`` and ``finetune`` (attention "auto"
+  resolved, so each row names the kernel that ran)."""
+  kernels = [dataclasses.replace(k, attention=resolve_attention(k.attention, args.dtype)) for k in args.kernels]
+  return [{"variant": v, "kernels": k, "remat": r} for v in args.variants for k in kernels for r in args.remat]
 
 
 def bench_sami(args) -> list[dict]:
@@ -432,7 +436,8 @@ def _parse_args(argv):
   common.add_argument("--json", default="", help="also write the rows to this file")
   common.add_argument("--profile", default="", help="trace a few steps into this directory and print the top ops")
   sami = sub.add_parser("sami", parents=[common])
-  sami.add_argument("--kernels", type=parse_kernels, default=[Kernels(layer_norm="one_pass")],
+  sami.add_argument("--kernels", type=parse_kernels,
+                    default=[Kernels(**get_sami_config("s").kernels.to_dict())],
                     help="';'-separated implementation sets to compare (default: the SAMI configs' choice)")
   sami.add_argument("--variants", type=lambda s: s.split(","), default=["ti", "s", "b"])
   sami.add_argument("--batch-per-device", type=int, default=256)

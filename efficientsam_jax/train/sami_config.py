@@ -24,10 +24,11 @@ def get_sami_config(variant: str, arg=None) -> ml_collections.ConfigDict:
       img_size=224, patch_size=16, decoder_dim=512, decoder_depth=8, decoder_num_heads=16,
       decoder_type="cross", target_dim=256, mask_ratio=0.75))
   config.loss = ml_collections.ConfigDict({"kind": "mse", "tokens": "all"})
-  # How the blocks compute (models/layers.py Kernels; same parameters whatever the choice): attention "xla"
-  # or "cudnn" (GPU, bf16); LayerNorm "one_pass" (flax's default, fp32 statistics) or "two_pass" (PyTorch's);
+  # How the blocks compute (models/layers.py Kernels; same parameters whatever the choice): attention "xla",
+  # "cudnn" (NVIDIA GPU, bf16) or "auto" (cudnn where it runs, else xla: the ViT-S step 1.3× faster on an H200,
+  # BENCHMARKS.md); LayerNorm "one_pass" (flax's default, fp32 statistics) or "two_pass" (PyTorch's);
   # the decoder's GELU "exact" or "tanh" (the student encoder keeps the exact GELU it is exported with).
-  config.kernels = ml_collections.ConfigDict({"attention": "xla", "layer_norm": "one_pass", "gelu": "exact"})
+  config.kernels = ml_collections.ConfigDict({"attention": "auto", "layer_norm": "one_pass", "gelu": "exact"})
   config.dtype = "bfloat16"
   config.remat = "none"  # or "full", "dots", "projections": what the blocks keep for the backward (layers.remat)
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
