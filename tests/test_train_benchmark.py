@@ -11,7 +11,7 @@ from efficientsam_jax.models.layers import Kernels
 from efficientsam_jax.models.sami import SamiConfig, SamiModel
 from efficientsam_jax.train import benchmark
 from efficientsam_jax.train.benchmark import (compiled_cost, parse_kernels, parse_remat, peak_tflops,
-                                              profile_top_ops, sami_train_flops_per_image)
+                                              op_kind, profile_top_ops, sami_train_flops_per_image)
 
 
 @pytest.mark.parametrize("decoder_type", ["cross", "self"])
@@ -35,6 +35,9 @@ def test_peak_table_and_profile_reader(tmp_path):
   rows = profile_top_ops(lambda: f(x), str(tmp_path), calls=2)
   assert rows and all(r["ms_per_call"] >= 0 for r in rows)
   assert abs(sum(r["share"] for r in rows) - 1.0) < 0.05 or len(rows) == 25
+  saved = json.load(open(tmp_path / "top_ops.json"))
+  assert saved["top"] == rows and all(r["kind"] == op_kind(r["op"]) for r in rows)
+  assert abs(sum(saved["kinds_ms_per_call"].values()) - saved["op_ms_per_call"]) < 1e-6 * saved["op_ms_per_call"]
 
 
 def test_kernel_sets_parse_and_bad_ones_are_refused():
@@ -59,3 +62,15 @@ def test_remat_policies_parse_and_each_is_a_row(tmp_path):
   # Full remat recomputes each block's forward in the backward pass: XLA counts more FLOPs for the same model.
   assert rows[1]["xla_gflop_per_step"] > rows[0]["xla_gflop_per_step"]
   assert rows[0]["model_gflop_per_step"] == rows[1]["model_gflop_per_step"]
+
+
+def test_op_kinds_of_gpu_op_names():
+  """Names as an H200 trace of the SAMI step gave them (jax 0.11), and cuDNN's attention kernels."""
+  names = {"nvjet_sm90_tst_128x128_64x6_2x1_v_bz_TNT": "matmul", "gemm_fusion_dot_578": "matmul",
+           "sm80_xmma_fprop_implicit_gemm_indexed_bf": "matmul", "cudnn_generated_sdpa_sm90_flash_fprop": "attention",
+           "__cudnn$fmhaSoftmaxBackward": "attention", "loop_convert_multiply_fusion_7": "elementwise fusion",
+           "loop_multiply_fusion_7": "elementwise fusion", "input_reduce_fusion_182": "reduction fusion",
+           "input_add_reduce_fusion_14": "reduction fusion", "input_transpose_fusion": "copy/transpose",
+           "wrapped_transpose": "copy/transpose", "fusion_2274": "other fusion", "all-reduce-start": "collective",
+           "cuStreamSynchronize": "other"}
+  assert {name: op_kind(name) for name in names} == names

@@ -168,13 +168,31 @@ def time_steps(run_step, steps: int, repeats: int) -> float:
   return statistics.median(samples)
 
 
+# What a device op is, from its name (XLA's fusion names, cuBLAS/cuDNN kernel names), first match wins.
+OP_KINDS = (("collective", ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "nccl")),
+            ("attention", ("fmha", "flash", "sdpa")),
+            ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "convolution", "dot")),
+            ("copy/transpose", ("transpose", "copy", "memcpy", "memset")),
+            ("reduction fusion", ("input_", "reduce")),
+            ("elementwise fusion", ("loop_",)),
+            ("other fusion", ("fusion",)))
+
+
+def op_kind(name: str) -> str:
+  """The first of ``OP_KINDS`` whose marks the name holds, else "other"."""
+  lower = name.lower()
+  return next((kind for kind, marks in OP_KINDS if any(mark in lower for mark in marks)), "other")
+
+
 def profile_top_ops(run, trace_dir: str, calls: int = 3, top: int = 25) -> list[dict]:
   """Traces ``calls`` calls of ``run`` and returns the device ops that took the most time.
 
   Reads the trace back with ``jax.profiler.ProfileData``: on an accelerator the
   ops of the device planes' "XLA Ops" lines (fusions, GEMMs, ... with their HLO
-  instruction), on CPU the host's XLA thread events. Each row:
-  op name, total ms per call, share of the op time, count, and its JAX op name.
+  instruction), on CPU the host's XLA thread events. Each row: op name, its kind
+  (``op_kind``), total ms per call, share of the op time, count, and its HLO
+  instruction. Also prints the time per kind over all ops, and writes the rows
+  and the kinds to ``trace_dir/top_ops.json``.
   """
   import glob  # pylint: disable=import-outside-toplevel
   jax.block_until_ready(run())
@@ -200,13 +218,21 @@ def profile_top_ops(run, trace_dir: str, calls: int = 3, top: int = 25) -> list[
           # the HLO instruction (shapes, fusion kind) where the trace has it; jax 0.11's GPU "tf_op" is "XlaModule:"
           sources[event.name] = str(stats.get("long_name") or stats.get("tf_op") or "")[:140]
   grand = sum(totals.values()) or 1.0
-  rows = [{"op": name, "ms_per_call": round(ns / 1e6 / calls, 3), "share": round(ns / grand, 3),
-           "count": counts[name] // calls, "source": sources[name]}
+  rows = [{"op": name, "kind": op_kind(name), "ms_per_call": round(ns / 1e6 / calls, 3),
+           "share": round(ns / grand, 3), "count": counts[name] // calls, "source": sources[name]}
           for name, ns in sorted(totals.items(), key=lambda kv: -kv[1])[:top]]
+  kinds: dict = {}
+  for name, ns in totals.items():
+    kinds[op_kind(name)] = kinds.get(op_kind(name), 0.0) + ns
   print(f"profile ({'device' if device_planes else 'host'} op time {grand / 1e6 / calls:.2f} ms per call):")
+  print("  by kind: " + ", ".join(f"{kind} {ns / 1e6 / calls:.2f} ms ({100 * ns / grand:.0f}%)"
+                                  for kind, ns in sorted(kinds.items(), key=lambda kv: -kv[1])))
   for row in rows:
     print(f"  {row['ms_per_call']:9.3f} ms {100 * row['share']:5.1f}% ×{row['count']:<4} {row['op'][:40]:40} "
           f"{row['source']}")
+  with open(os.path.join(trace_dir, "top_ops.json"), "w") as f:
+    json.dump({"op_ms_per_call": grand / 1e6 / calls, "kinds_ms_per_call": {
+        kind: ns / 1e6 / calls for kind, ns in kinds.items()}, "top": rows}, f, indent=1)
   return rows
 
 
