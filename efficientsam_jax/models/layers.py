@@ -26,8 +26,10 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
 
 
 def _on_cuda() -> bool:
+  """An NVIDIA GPU whose cuDNN has flash attention: compute capability 8.0 (Ampere) or later."""
   device = jax.devices()[0]
-  return device.platform == "gpu" and "cuda" in str(getattr(device.client, "platform_version", "")).lower()
+  capability = str(getattr(device, "compute_capability", ""))  # "9.0" on an H100/H200; absent on CPU and TPU
+  return device.platform == "gpu" and capability.replace(".", "", 1).isdigit() and float(capability) >= 8.0
 
 
 def resolve_attention(implementation: str, dtype: Dtype) -> str:
