@@ -77,16 +77,18 @@ def test_runs_at_another_input_size(small):
 def test_fused_attention_form_matches_official_encoder(small, monkeypatch):
   """attention="cudnn" folds the relative positions into q·k (``fold_relative_positions``) for cuDNN's
   fused kernel. With jax's XLA kernel swapped in for it (no cuDNN here), the encoder still matches
-  segment-anything's, in the global blocks and in the padded windows of a 224 view."""
+  segment-anything's, in the global blocks and in the padded windows of a 224 view, and with odd token counts
+  (a 240 view: 15 × 15 global tokens, padded to an even count for cuDNN)."""
   config, state_dict, ref = small
   params = {"params": encoder_params_from_state_dict(state_dict, config)}
-  view = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
-  official_form = SamImageEncoder(config).apply(params, view)
-  real, kernels = jax.nn.dot_product_attention, []
+  view, odd = (np.random.default_rng(0).normal(size=(2, s, s, 3)).astype(np.float32) for s in (224, 240))
+  official_form, official_odd = SamImageEncoder(config).apply(params, view), SamImageEncoder(config).apply(params, odd)
+  real, kernels, lengths = jax.nn.dot_product_attention, [], set()
 
-  def xla_kernel(*args, implementation=None, **kwargs):
+  def xla_kernel(q, k, v, *args, implementation=None, **kwargs):
     kernels.append(implementation)
-    return real(*args, implementation="xla", **kwargs)
+    lengths.update((q.shape[1], k.shape[1]))
+    return real(q, k, v, *args, implementation="xla", **kwargs)
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", xla_kernel)
   fused = SamImageEncoder(config, attention="cudnn")
@@ -95,6 +97,8 @@ def test_fused_attention_form_matches_official_encoder(small, monkeypatch):
   np.testing.assert_allclose(np.transpose(native, (0, 3, 1, 2)), ref["features"], atol=2e-4 * scale)
   np.testing.assert_allclose(fused.apply(params, view), official_form, atol=1e-5 * scale)
   assert kernels == ["cudnn"] * (2 * config.depth)
+  np.testing.assert_allclose(fused.apply(params, odd), official_odd, atol=1e-5 * scale)
+  assert all(n % 2 == 0 for n in lengths) and 226 in lengths, lengths
 
 
 @pytest.mark.parametrize("use_rel_pos", [True, False])

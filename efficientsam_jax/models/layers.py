@@ -56,7 +56,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "x
   "auto": one of the two by the backend and q's dtype (``resolve_attention``).
   """
   if resolve_attention(implementation, q.dtype) == "cudnn":
-    return _even_length_attention(q, k, v, implementation="cudnn")
+    return even_length_attention(q, k, v, implementation="cudnn")
   q, k, v = (jnp.swapaxes(t, -3, -2) for t in (q, k, v))
   logits = jnp.matmul(q * (q.shape[-1] ** -0.5), jnp.swapaxes(k, -1, -2),
                       preferred_element_type=jnp.float32)
@@ -64,13 +64,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "x
   return jnp.swapaxes(out, -3, -2)
 
 
-def _even_length_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
-  """``jax.nn.dot_product_attention`` on [B, T, N, H] with T and the key count padded to even numbers."""
+def even_length_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str, **kwargs) -> jax.Array:
+  """``jax.nn.dot_product_attention`` (``kwargs`` passed on) on [B, T, N, H] with T and the key count padded to
+  even numbers (what cuDNN's backward pass needs; see ``attention``)."""
   queries, keys = q.shape[-3], k.shape[-3]
   pad = lambda x, extra: jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(0, extra), (0, 0), (0, 0)]) if extra else x
   lengths = jnp.full(q.shape[:-3], keys, jnp.int32) if keys % 2 else None
   out = jax.nn.dot_product_attention(pad(q, queries % 2), pad(k, keys % 2), pad(v, keys % 2),
-                                     key_value_seq_lengths=lengths, implementation=implementation)
+                                     key_value_seq_lengths=lengths, implementation=implementation, **kwargs)
   return out[..., :queries, :, :]
 
 

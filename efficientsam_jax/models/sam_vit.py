@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientsam_jax.common.config import JsonConfig
-from efficientsam_jax.models.layers import exact_gelu, layer_norm, remat, resolve_attention
+from efficientsam_jax.models.layers import even_length_attention, exact_gelu, layer_norm, remat, resolve_attention
 from efficientsam_jax.models.resize import resize
 from efficientsam_jax.models.vit import PatchEmbed
 
@@ -172,7 +172,7 @@ class SamAttention(nn.Module):
       rel_w = relative_position_bias_table(self.param("rel_pos_w", init, (span, head_dim)), w)
     if resolve_attention(self.attention, q.dtype) == "cudnn":
       folded = fold_relative_positions(q, k, v, rel_h, rel_w)
-      out = jax.nn.dot_product_attention(*folded, scale=1.0, implementation="cudnn")[..., :head_dim]
+      out = even_length_attention(*folded, implementation="cudnn", scale=1.0)[..., :head_dim]
     else:
       out = sam_attention(q, k, v, rel_h, rel_w)
     return nn.Dense(dim, dtype=self.dtype, name="proj")(out.reshape(b, h, w, dim))
