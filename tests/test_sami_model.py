@@ -91,7 +91,7 @@ def test_cudnn_attention_call_matches_ours(monkeypatch, size):
   def outputs(kernels):
     model = SamiModel(config, kernels=kernels)
     loss = lambda p: jnp.sum(jnp.sin(model.apply(p, images, mask_rng)[0]))
-    return model.apply(params, images, mask_rng)[0], jax.grad(loss)(params)
+    return jax.jit(model.apply)(params, images, mask_rng)[0], jax.jit(jax.grad(loss))(params)
 
   reference, reference_grads = outputs(Kernels())
   monkeypatch.setattr(jax.nn, "dot_product_attention", xla_kernel)
