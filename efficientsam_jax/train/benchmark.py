@@ -56,8 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import print_saved_residuals
 
-from efficientsam_jax.models.layers import Kernels, remat_policy, resolve_attention
+from efficientsam_jax.models.layers import REMAT_POLICIES, Kernels, remat_policy, resolve_attention
 from efficientsam_jax.train.loop import compiled_memory_bytes
+from efficientsam_jax.train.finetune_config import get_finetune_config
 from efficientsam_jax.train.sami_config import get_sami_config
 
 # Dense bf16 matrix peak per chip (vendor datasheets), TFLOP/s, by a substring of device_kind.
@@ -112,7 +113,7 @@ def parse_kernels(text: str) -> list[Kernels]:
   return sets
 
 
-REMAT_HELP = "','-separated remat policies to compare: none, full, dots, projections (models/layers.py remat)"
+REMAT_HELP = f"','-separated remat policies to compare: none, {', '.join(REMAT_POLICIES)} (models/layers.py remat)"
 
 
 def parse_remat(text: str) -> list[str]:
@@ -468,19 +469,22 @@ def _parse_args(argv):
   sami.add_argument("--variants", type=lambda s: s.split(","), default=["ti", "s", "b"])
   sami.add_argument("--batch-per-device", type=int, default=256)
   sami.add_argument("--dtype", default="bfloat16")
-  sami.add_argument("--remat", type=parse_remat, default=["none"], help=REMAT_HELP + " (default: the SAMI configs')")
+  sami.add_argument("--remat", type=parse_remat, default=[get_sami_config("s").remat],
+                    help=REMAT_HELP + " (default: the SAMI configs')")
   sami.add_argument("--fsdp", type=int, default=1)
   sami.add_argument("--peak-tflops", type=float, default=0.0, help="override the per-chip bf16 peak")
   sami.add_argument("--compile-only", action="store_true")
   finetune = sub.add_parser("finetune", parents=[common])
-  finetune.add_argument("--kernels", type=parse_kernels, default=[Kernels()],
-                        help="';'-separated implementation sets of the image encoder to compare")
+  finetune.add_argument("--kernels", type=parse_kernels,
+                        default=[Kernels(**get_finetune_config("ti").kernels.to_dict())],
+                        help="';'-separated implementation sets of the image encoder to compare "
+                             "(default: the finetuning configs' choice)")
   finetune.add_argument("--variants", type=lambda s: s.split(","), default=["ti", "s"])
   finetune.add_argument("--batch-per-device", type=int, default=8)
   finetune.add_argument("--masks", type=int, default=64, help="masks per image")
   finetune.add_argument("--correction-steps", type=int, default=2)
   finetune.add_argument("--dtype", default="bfloat16")
-  finetune.add_argument("--remat", type=parse_remat, default=["projections"],
+  finetune.add_argument("--remat", type=parse_remat, default=[get_finetune_config("ti").remat],
                         help=REMAT_HELP + " (default: the finetuning configs' choice)")
   finetune.add_argument("--fsdp", type=int, default=1)
   finetune.add_argument("--compile-only", action="store_true")

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
+from efficientsam_jax.models.layers import REMAT_POLICIES
 from efficientsam_jax.train import sharding
 from efficientsam_jax.train.checkpoint import Checkpointer, PreemptionFlag
 from efficientsam_jax.train.metrics import MetricWriter
@@ -69,8 +70,7 @@ def memory_report(estimate: Optional[int], limit: Optional[int]) -> str:
   line += f" of {limit / 2**30:.2f} GiB"
   if estimate > limit:
     line = (f"WARNING: {line}: the step will run out of memory. Lower global_batch_size, or set remat "
-            f"(\"dots\", \"projections\" or \"full\": models/layers.py remat), or shard the state over more devices "
-            f"(mesh.fsdp)")
+            f"({' / '.join(REMAT_POLICIES)}: models/layers.py remat), or shard the state over more devices (mesh.fsdp)")
   return line
 
 
