@@ -2,10 +2,12 @@
 least be accepted by the program it calls, so that no device time is lost to a stale flag."""
 # pylint: disable=protected-access
 
+import glob
 import os
 import re
 import shlex
 
+import jaxlib
 import pytest
 
 from efficientsam_jax import benchmark as inference_benchmark
@@ -47,3 +49,15 @@ def test_every_command_is_accepted(part):
       assert os.path.exists(os.path.join(ROOT, config)), config
       continue
     PARSERS[module](arguments)  # argparse exits (a failure here) on an unknown or malformed flag
+
+
+def test_every_xla_flag_is_one_xla_knows():
+  """The XLA_FLAGS the script sets are options this jaxlib's XLA defines (it aborts on unknown ones); the GPU
+  options are compiled into the CPU build's library too."""
+  flags = set(re.findall(r"--(xla_\w+)=", open(SCRIPT).read()))
+  assert "xla_gpu_enable_cublaslt" in flags
+  unknown = flags | {"xla_gpu_no_such_option"}
+  for path in glob.glob(os.path.join(os.path.dirname(jaxlib.__file__), "*.so")):
+    data = open(path, "rb").read()
+    unknown = {flag for flag in unknown if flag.encode() not in data}
+  assert unknown == {"xla_gpu_no_such_option"}

@@ -8,6 +8,8 @@ renaming; see ``efficientsam_jax/convert/torch_keys.py``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -18,8 +20,8 @@ Dtype = Any
 
 
 def exact_gelu(x: jax.Array) -> jax.Array:
-  """PyTorch's default ``nn.GELU`` (erf form, not the tanh approximation)."""
-  return jax.nn.gelu(x, approximate=False)
+  """PyTorch's default ``nn.GELU`` (erf form, not the tanh approximation); lean backward (``lean_gelu``)."""
+  return lean_gelu(x, False)
 
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
@@ -105,12 +107,102 @@ def remat(cls: type, policy: "str | bool") -> type:
   return cls if saved is None else nn.remat(cls, policy=saved)
 
 
-def layer_norm(eps: float, name: str, dtype: Dtype = jnp.float32, one_pass: bool = False) -> nn.LayerNorm:
+def _layer_norm(x, scale, bias, eps: float, one_pass: bool, dtype):
+  """flax ``nn.LayerNorm``'s values over the last axis, bit for bit (its fp32 statistics and order of
+  operations) → (y, mean, 1/σ). ``one_pass``: variance E[x²] − E[x]² clipped at 0, else E[(x − mean)²]."""
+  wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = wide.mean(-1, keepdims=True)
+  if one_pass:
+    var = jnp.maximum(0.0, jnp.square(wide).mean(-1, keepdims=True) - jnp.square(mean))
+  else:
+    var = jnp.square(wide - mean).mean(-1, keepdims=True)
+  rstd = jax.lax.rsqrt(var + eps)
+  return (((x - mean) * (rstd * scale)) + bias).astype(dtype), mean, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def lean_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, one_pass: bool,
+                    dtype: Dtype) -> jax.Array:
+  """LayerNorm over the last axis whose backward pass keeps only x and the per-row mean and 1/σ.
+
+  The values of ``nn.LayerNorm``. jax's autodiff of it keeps three fp32 tensors of x's size (x², x − mean,
+  the normalized x) for the backward pass; this recomputes the normalized x there from x instead.
+  """
+  return _layer_norm(x, scale, bias, eps, one_pass, dtype)[0]
+
+
+def _lean_layer_norm_fwd(x, scale, bias, eps, one_pass, dtype):
+  y, mean, rstd = _layer_norm(x, scale, bias, eps, one_pass, dtype)
+  return y, (x, mean, rstd, scale, bias)
+
+
+def _lean_layer_norm_bwd(eps, one_pass, dtype, residuals, grad):
+  x, mean, rstd, scale, bias = residuals
+  normalized = (x.astype(mean.dtype) - mean) * rstd
+  grad = grad.astype(mean.dtype)
+  batch_axes = tuple(range(x.ndim - 1))
+  grad_scale = jnp.sum(grad * normalized, batch_axes).astype(scale.dtype)
+  grad_bias = jnp.sum(grad, batch_axes).astype(bias.dtype)
+  grad_normalized = grad * scale
+  # d/dx of (x − mean)·rstd: the row's mean gradient and its projection on the normalized x removed
+  grad_x = rstd * (grad_normalized - grad_normalized.mean(-1, keepdims=True)
+                   - normalized * (grad_normalized * normalized).mean(-1, keepdims=True))
+  return grad_x.astype(x.dtype), grad_scale, grad_bias
+
+
+lean_layer_norm.defvjp(_lean_layer_norm_fwd, _lean_layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+  """``nn.LayerNorm`` over the last axis (same parameters "scale"/"bias", same values) with a choice of what
+  its backward pass keeps: ``lean`` (``lean_layer_norm``) or jax's autodiff of the forward."""
+
+  epsilon: float = 1e-6
+  one_pass: bool = False
+  dtype: Dtype = jnp.float32
+  lean: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = (x.shape[-1],)
+    scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+    if self.lean:
+      return lean_layer_norm(x, scale, bias, self.epsilon, self.one_pass, self.dtype)
+    return _layer_norm(x, scale, bias, self.epsilon, self.one_pass, self.dtype)[0]
+
+
+def layer_norm(eps: float, name: str, dtype: Dtype = jnp.float32, one_pass: bool = False,
+               lean: bool = True) -> LayerNorm:
   """LayerNorm; by default with PyTorch's two-pass variance (exact parity in fp32).
 
-  ``one_pass``: E[x²] − E[x]² from one reduction over x (flax's default; statistics in fp32).
+  ``one_pass``: E[x²] − E[x]² from one reduction over x (flax's fast variance; statistics in fp32).
+  ``lean``: the backward pass keeps x and the row statistics only (``lean_layer_norm``).
   """
-  return nn.LayerNorm(epsilon=eps, use_fast_variance=one_pass, dtype=dtype, name=name)
+  return LayerNorm(epsilon=eps, one_pass=one_pass, dtype=dtype, lean=lean, name=name)
+
+
+def _gelu_derivative(x: jax.Array, approximate: bool) -> jax.Array:
+  if approximate:  # d/dx of x·(1 + tanh(u))/2, u = √(2/π)·(x + 0.044715·x³)
+    c = math.sqrt(2.0 / math.pi)
+    t = jnp.tanh(c * (x + 0.044715 * x ** 3))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x)
+  return 0.5 * (1.0 + jax.lax.erf(x * (0.5 ** 0.5))) + x * jnp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def lean_gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
+  """``jax.nn.gelu`` whose backward pass keeps only x (autodiff of the erf form also keeps two intermediates of
+  x's size, erfc and exp) and computes the derivative from it in fp32."""
+  return jax.nn.gelu(x, approximate=approximate)
+
+
+def _lean_gelu_bwd(approximate, x, grad):
+  wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return ((grad.astype(wide.dtype) * _gelu_derivative(wide, approximate)).astype(x.dtype),)
+
+
+lean_gelu.defvjp(lambda x, approximate: (lean_gelu(x, approximate), x), _lean_gelu_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,27 +212,32 @@ class Kernels:
   attention: "xla", "cudnn" or "auto" (see ``attention``).
   layer_norm: "two_pass" (PyTorch's variance) or "one_pass" (see ``layer_norm``).
   gelu: "exact" (erf, PyTorch's ``nn.GELU()``) or "tanh" (the tanh approximation, max. error ~5e-4).
+  backward: what LayerNorm and GELU keep for the backward pass: "lean" (their input and LayerNorm's row
+  statistics: ``lean_layer_norm``, ``lean_gelu``) or "autodiff" (jax's autodiff of the forward, which keeps
+  fp32 intermediates). Same values either way; the gradients differ by rounding.
   The defaults compute exactly what the official PyTorch modules do.
   """
 
   attention: str = "xla"
   layer_norm: str = "two_pass"
   gelu: str = "exact"
+  backward: str = "lean"
 
   def __post_init__(self):
     for field, allowed in (("attention", ATTENTION_IMPLEMENTATIONS), ("layer_norm", ("two_pass", "one_pass")),
-                           ("gelu", ("exact", "tanh"))):
+                           ("gelu", ("exact", "tanh")), ("backward", ("lean", "autodiff"))):
       if getattr(self, field) not in allowed:
         raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return attention(q, k, v, self.attention)
 
-  def norm(self, eps: float, name: str, dtype: Dtype) -> nn.LayerNorm:
-    return layer_norm(eps, name, dtype, one_pass=self.layer_norm == "one_pass")
+  def norm(self, eps: float, name: str, dtype: Dtype) -> LayerNorm:
+    return layer_norm(eps, name, dtype, one_pass=self.layer_norm == "one_pass", lean=self.backward == "lean")
 
   def act(self, x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(x, approximate=self.gelu == "tanh")
+    approximate = self.gelu == "tanh"
+    return lean_gelu(x, approximate) if self.backward == "lean" else jax.nn.gelu(x, approximate=approximate)
 
 
 class MLPBlock(nn.Module):

@@ -255,7 +255,10 @@ def time_train_step(compiled, state, data, rng, args, name: str) -> float:
 
 
 def _describe(device: jax.Device) -> str:
-  return f"{jax.device_count()} × {device.device_kind} ({device.platform}), jax {jax.__version__}"
+  """The devices, jax's version and the XLA compiler options in effect (``XLA_FLAGS``)."""
+  flags = os.environ.get("XLA_FLAGS", "").strip()
+  return (f"{jax.device_count()} × {device.device_kind} ({device.platform}), jax {jax.__version__}"
+          + (f", XLA_FLAGS={flags}" if flags else ""))
 
 
 def each_setting(settings: Sequence[dict], measure) -> list[dict]:
@@ -277,7 +280,7 @@ def each_setting(settings: Sequence[dict], measure) -> list[dict]:
 
 
 def _kernels_name(kernels: Kernels) -> str:
-  return f"{kernels.attention}_{kernels.layer_norm}_{kernels.gelu}"
+  return "_".join(str(value) for value in dataclasses.astuple(kernels))
 
 
 def _model_settings(args) -> list[dict]:

@@ -43,8 +43,9 @@ def get_finetune_config(variant: str, arg=None) -> ml_collections.ConfigDict:
   config.drop_path_rate = 0.0  # encoder stochastic depth (linear over the blocks); the paper uses none
   # How the image encoder's blocks compute (models/layers.py Kernels, same parameters): attention "xla" or
   # "cudnn" (NVIDIA GPUs, bf16: the 4096-token attention at 1024 without materialized logits); LayerNorm
-  # "two_pass" (PyTorch's) or "one_pass" (no gain measured here: the attention dominates). The GELU stays exact.
-  config.kernels = ml_collections.ConfigDict({"attention": "xla", "layer_norm": "two_pass"})
+  # "two_pass" (PyTorch's) or "one_pass" (no gain measured here: the attention dominates); backward "lean"
+  # (LayerNorm and GELU keep only their inputs for the backward pass) or "autodiff". The GELU stays exact.
+  config.kernels = ml_collections.ConfigDict({"attention": "xla", "layer_norm": "two_pass", "backward": "lean"})
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   config.global_batch_size = 128
   config.num_epochs = 5
