@@ -3,26 +3,26 @@
 #
 #   bash launch/benchmark_gpu.sh OUTDIR [WHEELS_DIR] [PARTS]
 #
-# PARTS (default: all, in this order): sami_profile sami sami_kernels sami_flags sami_options teacher
+# PARTS (default: all, in this order): sami_profile sami_kernels sami_flags sami sami_options teacher
 # finetune sami_input sami_smoke inference everything. Each part runs under its own time limit so one slow
 # part cannot starve the rest: the top device ops (HLO instructions) of the ViT-S step with the SAMI
-# configs' kernels (attention "auto" = cuDNN on the GPU) (--profile); the SAMI train step per student
-# size (img/s, MFU; bf16, batch 256/device); ViT-S with other attention/LayerNorm/GELU/backward choices
-# side by side (models/layers.py Kernels); ViT-S under XLA compiler options (XLA_FLAGS: cuBLASLt epilogues,
-# Triton and cuDNN GEMM fusions; one process each, the first without any as the baseline); ViT-S at
-# batch 512 and with remat (models/layers.py remat); the
+# configs' kernels (attention "auto" = cuDNN on the GPU) (--profile); ViT-S with other
+# attention/LayerNorm/GELU/backward choices side by side (models/layers.py Kernels); ViT-S under XLA
+# compiler options (XLA_FLAGS: cuBLASLt epilogues, Triton and cuDNN GEMM fusions; one process each, the
+# first without any as the baseline); the SAMI train step per student size (img/s, MFU; bf16, batch
+# 256/device); ViT-S at batch 512 and with remat (models/layers.py remat); the
 # teacher precompute (ViT-H views/s, XLA and cuDNN attention); the finetuning step (EfficientSAM-Ti/S,
 # 8 images × 64 masks per device, XLA and cuDNN attention); the SAMI input pipeline; the README's SAMI
 # smoke job end to end; the inference benchmark (XLA and cuDNN attention); segment-everything against
 # the notebook's approach.
-# All parts together take ~35 min, more than one session's device time (15 min, machine start ~30 s
-# included): most informative first, one call per line: "sami_profile sami" (≤ 4.5 min), then
-# "sami_kernels sami_flags" (≤ 9 min), then "sami_options teacher" (≤ 6 min), then "finetune", then the rest.
+# All parts together take ~37 min, more than one session's device time (15 min, machine start ~30 s
+# included): most informative first, one call per line: "sami_profile sami_kernels" (≤ 5.5 min), then
+# "sami_flags sami" (≤ 9.7 min), then "sami_options teacher" (≤ 6 min), then "finetune", then the rest.
 # WHEELS_DIR: wheels of packages the machine lacks, installed to /tmp/site first (for machines
 # without a package index).
 set -uo pipefail
 out=${1:?output directory}; wheels=${2:-}
-parts=${3:-sami_profile sami sami_kernels sami_flags sami_options teacher finetune sami_input sami_smoke inference \
+parts=${3:-sami_profile sami_kernels sami_flags sami sami_options teacher finetune sami_input sami_smoke inference \
 everything}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -45,8 +45,7 @@ for part in $parts; do
   case $part in
     sami_profile) run sami_profile 90 $bench sami --variants s --batch-per-device 256 --steps 5 --repeats 1 \
       --profile "$out/trace_sami_s" --json "$out/sami_profile.json" ;;
-    sami) run sami 160 $bench sami --variants ti,s,b --batch-per-device 256 --json "$out/sami_bf16.json" ;;
-    sami_kernels) run sami_kernels 200 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
+    sami_kernels) run sami_kernels 240 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
       --kernels "attention=xla,layer_norm=one_pass;attention=cudnn,layer_norm=one_pass;\
 attention=cudnn,layer_norm=one_pass,backward=autodiff;attention=cudnn,layer_norm=one_pass,gelu=tanh;\
 attention=cudnn,layer_norm=two_pass" --json "$out/sami_kernels.json" ;;
@@ -61,6 +60,7 @@ attention=cudnn,layer_norm=two_pass" --json "$out/sami_kernels.json" ;;
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cublaslt=true" run sami_flags 70 $bench sami --variants s \
         --batch-per-device 256 --steps 10 --repeats 2 --kernels "attention=auto,layer_norm=one_pass,gelu=tanh" \
         --json "$out/sami_flags_tanh_cublaslt.json" ;;
+    sami) run sami 160 $bench sami --variants ti,s,b --batch-per-device 256 --json "$out/sami_bf16.json" ;;
     sami_options)
       run sami_options 70 $bench sami --variants s --batch-per-device 512 --json "$out/sami_s512.json"
       run sami_options 110 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
