@@ -10,14 +10,14 @@
 # attention/LayerNorm/GELU/backward choices side by side (models/layers.py Kernels); ViT-S under XLA
 # compiler options (XLA_FLAGS: cuBLASLt epilogues, Triton and cuDNN GEMM fusions; one process each, the
 # first without any as the baseline); the SAMI train step per student size (img/s, MFU; bf16, batch
-# 256/device); ViT-S at batch 512 and with remat (models/layers.py remat); the
+# 256/device); ViT-S at batch 512 in one pass and in 2 microbatches, and with remat (models/layers.py remat); the
 # teacher precompute (ViT-H views/s, XLA and cuDNN attention); the finetuning step (EfficientSAM-Ti/S,
 # 8 images × 64 masks per device, XLA and cuDNN attention); the SAMI input pipeline; the README's SAMI
 # smoke job end to end; the inference benchmark (XLA and cuDNN attention); segment-everything against
 # the notebook's approach.
 # All parts together take ~37 min, more than one session's device time (15 min, machine start ~30 s
 # included): most informative first, one call per line: "sami_profile sami_kernels" (≤ 5.5 min), then
-# "sami_flags sami" (≤ 9.7 min), then "sami_options teacher" (≤ 6 min), then "finetune", then the rest.
+# "sami_flags sami" (≤ 9.7 min), then "sami_options teacher" (≤ 7 min), then "finetune", then the rest.
 # WHEELS_DIR: wheels of packages the machine lacks, installed to /tmp/site first (for machines
 # without a package index).
 set -uo pipefail
@@ -62,7 +62,8 @@ attention=cudnn,layer_norm=two_pass" --json "$out/sami_kernels.json" ;;
         --json "$out/sami_flags_tanh_cublaslt.json" ;;
     sami) run sami 160 $bench sami --variants ti,s,b --batch-per-device 256 --json "$out/sami_bf16.json" ;;
     sami_options)
-      run sami_options 70 $bench sami --variants s --batch-per-device 512 --json "$out/sami_s512.json"
+      run sami_options 110 $bench sami --variants s --batch-per-device 512 --microbatches 1,2 \
+        --json "$out/sami_s512.json"
       run sami_options 110 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
         --remat projections,full --json "$out/sami_s_remat.json" ;;
     teacher) run teacher 200 $bench teacher --modes upsample,native --attention xla,cudnn --batch-per-device 32 \

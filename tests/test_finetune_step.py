@@ -194,6 +194,26 @@ def test_step_on_data_fsdp_mesh_matches_one_device_and_ignores_padding():
   assert float(a) == float(b)
 
 
+def test_microbatches_give_the_step_of_one_pass():
+  """Gradient accumulation over 2 parts whose valid-mask counts differ: the same prompts, mean over the whole
+  batch's valid masks, metrics and update as one pass."""
+  from efficientsam_jax.train.state import TrainState
+  model = EfficientSam(TINY)
+  tx = optax.sgd(1.0)
+  params = init_params(model, jax.random.PRNGKey(0))
+  base = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  batch = _batch(3, batch=4)
+  batch["valid"][0, :2] = False  # part 0 (rows 0, 2) has 4 valid masks, part 1 (rows 1, 3) has 6
+  results = [jax.jit(make_train_step(model, tx, lambda s: 0.0, LOSS, microbatches=k))(
+      base, batch, jax.random.PRNGKey(1)) for k in (1, 2)]
+  (whole_state, whole), (parts_state, parts) = results
+  assert float(whole["masks"]) == float(parts["masks"]) == 10
+  for key in ("loss", "miou_first_prompt", "miou_last_round", "grad_norm"):
+    np.testing.assert_allclose(float(parts[key]), float(whole[key]), rtol=1e-5, err_msg=key)
+  for a, b in zip(jax.tree_util.tree_leaves(parts_state.params), jax.tree_util.tree_leaves(whole_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
 def test_remat_keeps_the_loss_and_gradients_and_saves_less():
   """``remat`` applies to the encoder blocks and to each decoder round (decode + loss) of the step."""
   params = init_params(EfficientSam(TINY), jax.random.PRNGKey(0))

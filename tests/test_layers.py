@@ -82,7 +82,7 @@ def test_sami_model_with_lean_backward_keeps_less_for_the_same_values():
   assert value == reference  # the forward pass is the same computation
   flat, flat_reference = (jax.flatten_util.ravel_pytree(g)[0] for g in (grads, reference_grads))
   np.testing.assert_allclose(flat, flat_reference, atol=2e-2 * float(jnp.abs(flat_reference).max()))
-  # (ViT-S at 224: 92 → 59 MB per example, `train.benchmark sami --kernels ...,backward=autodiff;...`)
+  # (ViT-S at 224: 87 → 54 MB per example, `train.benchmark sami --kernels ...,backward=autodiff;...`)
   assert saved_residual_bytes(loss["lean"], params) < 0.8 * saved_residual_bytes(loss["autodiff"], params)
   assert Kernels().backward == "lean"
   with pytest.raises(ValueError, match="backward must be one of"):

@@ -15,6 +15,7 @@ def test_smoke_pipeline_learns_and_resumes(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "RANDOM, UNTRAINED" in out and "wrote 2 shard(s)" in out
   assert "mesh {'data': 8, 'fsdp': 1}" in out
+  assert "SAMI: 14 views of 7 images, 30 steps of 8" in out  # 2 stored views of each bundled photograph
   assert re.search(r"compiled the training step in [\d.]+ s; XLA memory estimate per device: [\d.]+ GiB", out)
   assert result["step"] == 30
   assert result["last_logged_loss"] < 0.7 * result["first_logged_loss"], result

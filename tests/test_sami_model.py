@@ -32,6 +32,10 @@ def test_random_masking_ratio_and_inverse():
   np.put_along_axis(visible, np.asarray(shuffle[:, :49]), True, axis=1)
   np.testing.assert_array_equal(visible, np.asarray(mask) == 0)
   assert len({tuple(np.flatnonzero(m)) for m in np.asarray(mask)}) == 4
+  # An example's mask follows its id, not its batch: a part of the batch draws the whole batch's rows.
+  part = random_masking(jax.random.PRNGKey(0), 2, 196, 49, jnp.array([3, 1]))
+  for whole, some in zip((shuffle, restore, mask), part):
+    np.testing.assert_array_equal(some, np.asarray(whole)[[3, 1]])
 
 
 @pytest.mark.parametrize("start,stop", [(0, 3), (3, 10), (0, 10), (2, 7)])

@@ -8,8 +8,10 @@ import pytest
 from efficientsam_jax.models.sami import SamiConfig, SamiModel
 from efficientsam_jax.train import sharding
 from efficientsam_jax.train.optim import make_optimizer
-from efficientsam_jax.train.loop import jit_train_step
+from efficientsam_jax.train.finetune_config import get_finetune_config
+from efficientsam_jax.train.loop import jit_train_step, optimizer_for
 from efficientsam_jax.train.sami import make_train_step
+from efficientsam_jax.train.sami_config import get_sami_config
 from efficientsam_jax.train.state import create_train_state
 
 TINY = SamiConfig(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4, img_size=64,
@@ -22,7 +24,7 @@ def _batch(step, batch_size=8):
           "targets": rng.normal(size=(batch_size, 16, 16)).astype(np.float32)}
 
 
-def _run(mesh, steps=3):
+def _run(mesh, steps=3, batch_size=8, microbatches=1):
   model = SamiModel(TINY)
   tx, schedule = make_optimizer({
       "optimizer": {"b1": 0.9, "b2": 0.95, "weight_decay": 0.05, "grad_clip_norm": 1.0},
@@ -31,11 +33,11 @@ def _run(mesh, steps=3):
   sample = jnp.zeros((1, 64, 64, 3))
   init = lambda rng: model.init(rng, sample, rng)["params"]
   state, shardings = create_train_state(init, tx, jax.random.PRNGKey(0), mesh)
-  step = jit_train_step(make_train_step(model, tx, schedule), shardings,
+  step = jit_train_step(make_train_step(model, tx, schedule, microbatches=microbatches), shardings,
                         sharding.batch_sharding(mesh), sharding.replicated(mesh))
   losses = []
   for i in range(steps):
-    state, metrics = step(state, sharding.global_batch(_batch(i), mesh), jax.random.PRNGKey(42))
+    state, metrics = step(state, sharding.global_batch(_batch(i, batch_size), mesh), jax.random.PRNGKey(42))
     losses.append(float(metrics["loss"]))
     assert float(metrics["lr"]) == float(schedule(i))
   return state, losses
@@ -53,6 +55,31 @@ def test_data_fsdp_mesh_matches_one_device():
   assert kernel.addressable_shards[0].data.shape[1] == 256 // 4
   moments = jax.tree_util.tree_leaves(state.opt_state)
   assert any("fsdp" in getattr(m.sharding, "spec", ()) for m in moments)
+
+
+def test_microbatches_give_the_step_of_one_pass():
+  """Gradient accumulation over 2 parts of a 16-example batch, each split over the 8 devices: the same masks,
+  losses and parameters as the whole batch at once."""
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+  whole_state, whole = _run(mesh, steps=2, batch_size=16)
+  parts_state, parts = _run(mesh, steps=2, batch_size=16, microbatches=2)
+  np.testing.assert_allclose(parts, whole, rtol=1e-5)
+  assert whole[1] != whole[0]
+  for a, b in zip(jax.tree_util.tree_leaves(parts_state.params), jax.tree_util.tree_leaves(whole_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+  with pytest.raises(ValueError, match="does not split into 3 microbatches"):
+    _run(mesh, steps=1, batch_size=16, microbatches=3)
+
+
+def test_job_configs_check_that_each_microbatch_splits_over_the_devices():
+  config = get_sami_config("s", "smoke")  # global batch 8 on 8 devices
+  assert config.microbatches == 1 and get_finetune_config("ti").microbatches == 1
+  optimizer_for(config, 64)
+  config.microbatches = 2
+  with pytest.raises(ValueError, match=r"must be a multiple of microbatches \(2\) × devices \(8\)"):
+    optimizer_for(config, 64)
+  config.global_batch_size = 16
+  assert optimizer_for(config, 64)[2] == 60  # the smoke config's total_steps
 
 
 def test_mesh_errors():

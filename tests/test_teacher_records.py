@@ -42,6 +42,9 @@ def test_round_trip_is_bit_exact_with_provenance(tmp_path, sources, teacher_fn):
   summary = precompute(sources, out, teacher_fn, num_shards=2, job_hash="h1", log=lambda _: None, **JOB)
   assert summary["written"] == [tr.shard_name(0, 2), tr.shard_name(1, 2)] and summary["views"] == 6
   assert tr.verify_shards(out, "h1") == {tr.shard_name(0, 2): 4, tr.shard_name(1, 2): 2}
+  # The manifest counts source images beside views: the SAMI job's epochs are passes over the images.
+  assert {n: e["images"] for n, e in tr.Manifest(out).entries().items()} == {tr.shard_name(0, 2): 2,
+                                                                             tr.shard_name(1, 2): 1}
   records = list(tr.iterate_records([os.path.join(out, n) for n in summary["written"]]))
   assert [(r["source_id"], r["view_index"]) for r in records] == [
       ("astronaut", 0), ("astronaut", 1), ("cats/chelsea", 0), ("cats/chelsea", 1), ("coffee", 0), ("coffee", 1)]

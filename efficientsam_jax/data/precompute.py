@@ -126,7 +126,7 @@ def precompute(sources: Sequence[SourceImage], output_dir: str, teacher_fn: Call
     records = shard_records((sources[i] for i in chunks[k]), teacher_fn, views_per_image=views_per_image,
                             size=size, seed=seed, batch_size=batch_size, on_batch=progress)
     count, digest = tr.write_shard(os.path.join(output_dir, name), records)
-    manifest.record(name, count, digest, job_hash)
+    manifest.record(name, count, digest, job_hash, images=len(chunks[k]))
     written.append(name)
   return {"written": written, "skipped": skipped, "views": done}
 

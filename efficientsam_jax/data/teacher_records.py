@@ -13,8 +13,8 @@ One ``tf.train.Example`` per augmented view (parse with ``tf.io.parse_single_exa
 
 The teacher runs on the decoded JPEG, so teacher and student see identical pixels.
 Shards are written whole (temporary file, then rename) and recorded in a
-per-process manifest with their record count, SHA-256 and the job's config
-hash; a restarted job skips recorded shards.
+per-process manifest with their record (view) count, source-image count,
+SHA-256 and the job's config hash; a restarted job skips recorded shards.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class Manifest:
     self.path = os.path.join(directory, f"{MANIFEST_PREFIX}{process_index:05d}.json")
 
   def entries(self) -> dict:
-    """All processes' entries: {shard name: {count, sha256, config_hash}}."""
+    """All processes' entries: {shard name: {count, images, sha256, config_hash}}."""
     merged = {}
     for name in sorted(os.listdir(self.directory)) if os.path.isdir(self.directory) else ():
       if name.startswith(MANIFEST_PREFIX) and name.endswith(".json"):
@@ -127,12 +127,13 @@ class Manifest:
                        f"(hash {entry['config_hash']}, now {expected_hash}); use a new output directory")
     return os.path.exists(os.path.join(self.directory, shard))
 
-  def record(self, shard: str, count: int, sha256: str, hash_: str) -> None:
+  def record(self, shard: str, count: int, sha256: str, hash_: str, images: int) -> None:
+    """Adds a finished shard: ``count`` records (views) of ``images`` source images."""
     own = {}
     if os.path.exists(self.path):
       with open(self.path) as f:
         own = json.load(f)
-    own[shard] = {"count": count, "sha256": sha256, "config_hash": hash_}
+    own[shard] = {"count": count, "images": images, "sha256": sha256, "config_hash": hash_}
     with atomic_file(self.path) as tmp, open(tmp, "w") as f:
       json.dump(own, f, indent=1, sort_keys=True)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -77,15 +77,21 @@ class SamiConfig(JsonConfig):
     return max(1, int(round(self.num_tokens * (1.0 - self.mask_ratio))))
 
 
-def random_masking(rng: jax.Array, batch: int, num_tokens: int, num_visible: int):
+def random_masking(rng: jax.Array, batch: int, num_tokens: int, num_visible: int,
+                   example_ids: Optional[jax.Array] = None):
   """MAE masking as index arrays.
+
+  Example ``i``'s noise is drawn from ``fold_in(rng, example_ids[i])`` (ids
+  default to 0 … batch − 1), so an example's mask does not depend on which other
+  examples share its batch (microbatches draw what the whole batch would).
 
   Returns:
     shuffle [B, N]: token order, visible ones first (``shuffle[:, :num_visible]``);
     restore [B, N]: its inverse, ``take_along_axis(x_shuffled, restore)`` undoes it;
     mask [B, N]: 1.0 where the token is hidden from the encoder.
   """
-  noise = jax.random.uniform(rng, (batch, num_tokens))
+  ids = jnp.arange(batch, dtype=jnp.int32) if example_ids is None else example_ids
+  noise = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i), (num_tokens,)))(ids)
   shuffle = jnp.argsort(noise, axis=1)
   restore = jnp.argsort(shuffle, axis=1)
   mask = (restore >= num_visible).astype(jnp.float32)
@@ -168,13 +174,13 @@ class SamiModel(nn.Module):
     self.decoder_norm = kern.norm(1e-6, None, self.dtype)
     self.head = nn.Dense(c.target_dim, dtype=self.dtype)
 
-  def __call__(self, images: jax.Array, rng: jax.Array):
-    """images [B, S, S, 3] normalized; rng draws the mask."""
+  def __call__(self, images: jax.Array, rng: jax.Array, example_ids: Optional[jax.Array] = None):
+    """images [B, S, S, 3] normalized; rng draws the mask (``random_masking``: per example, by ``example_ids``)."""
     c = self.config
     x = self.encoder.embed(images.astype(self.dtype))
     batch = x.shape[0]
     x = x.reshape(batch, c.num_tokens, c.encoder_embed_dim)
-    shuffle, restore, mask = random_masking(rng, batch, c.num_tokens, c.num_visible)
+    shuffle, restore, mask = random_masking(rng, batch, c.num_tokens, c.num_visible, example_ids)
     v, n = c.num_visible, c.num_tokens
     take = lambda t, start, stop: take_permuted(t, shuffle, restore, start, stop)  # tokens in shuffled order
 

@@ -116,6 +116,20 @@ def parse_kernels(text: str) -> list[Kernels]:
 REMAT_HELP = f"','-separated remat policies to compare: none, {', '.join(REMAT_POLICIES)} (models/layers.py remat)"
 
 
+MICROBATCHES_HELP = "gradient accumulation: the batch in this many parts, one after the other (e.g. 1,2)"
+
+
+def parse_ints(text: str) -> list[int]:
+  """``"1,2"`` → [1, 2] (each ≥ 1)."""
+  try:
+    values = [int(v) for v in text.split(",")]
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+  if min(values) < 1:
+    raise argparse.ArgumentTypeError(f"expected integers ≥ 1, got {text!r}")
+  return values
+
+
 def parse_remat(text: str) -> list[str]:
   """``"none,dots"`` → ["none", "dots"], each checked by ``layers.remat_policy``."""
   policies = [p.strip() for p in text.split(",")]
@@ -284,10 +298,11 @@ def _kernels_name(kernels: Kernels) -> str:
 
 
 def _model_settings(args) -> list[dict]:
-  """Every student / model size × kernel set × remat policy of ``sami`` and ``finetune`` (attention "auto"
-  resolved, so each row names the kernel that ran)."""
+  """Every student / model size × kernel set × remat policy × microbatch count of ``sami`` and ``finetune``
+  (attention "auto" resolved, so each row names the kernel that ran)."""
   kernels = [dataclasses.replace(k, attention=resolve_attention(k.attention, args.dtype)) for k in args.kernels]
-  return [{"variant": v, "kernels": k, "remat": r} for v in args.variants for k in kernels for r in args.remat]
+  return [{"variant": v, "kernels": k, "remat": r, "microbatches": m}
+          for v in args.variants for k in kernels for r in args.remat for m in args.microbatches]
 
 
 def bench_sami(args) -> list[dict]:
@@ -295,7 +310,8 @@ def bench_sami(args) -> list[dict]:
   return each_setting(_model_settings(args), functools.partial(_bench_sami_setting, args, peak=peak))
 
 
-def _bench_sami_setting(args, variant: str, kernels: Kernels, remat: str, peak: Optional[float]) -> dict:
+def _bench_sami_setting(args, variant: str, kernels: Kernels, remat: str, microbatches: int,
+                        peak: Optional[float]) -> dict:
   # pylint: disable=import-outside-toplevel
   from efficientsam_jax.models.sami import SamiConfig, SamiModel
   from efficientsam_jax.train import sharding
@@ -314,8 +330,8 @@ def _bench_sami_setting(args, variant: str, kernels: Kernels, remat: str, peak: 
   side = config.img_size
   init = lambda rng: model.init(rng, jnp.zeros((1, side, side, 3)), rng)["params"]
   state, shardings = create_train_state(init, tx, jax.random.PRNGKey(0), mesh)
-  step = jit_train_step(make_train_step(model, tx, schedule), shardings, sharding.batch_sharding(mesh),
-                        sharding.replicated(mesh))
+  step = jit_train_step(make_train_step(model, tx, schedule, microbatches=microbatches), shardings,
+                        sharding.batch_sharding(mesh), sharding.replicated(mesh))
   data = {"images": jax.random.randint(jax.random.PRNGKey(1), (batch, side, side, 3), 0, 256).astype(jnp.uint8),
           "targets": jax.random.normal(jax.random.PRNGKey(2), (batch, config.num_tokens, config.target_dim))}
   data = jax.device_put(data, sharding.batch_sharding(mesh))
@@ -330,7 +346,8 @@ def _bench_sami_setting(args, variant: str, kernels: Kernels, remat: str, peak: 
          "model_gflop_per_step": round(flops / 1e9, 1), "kept_mb_per_example": kept and round(kept / batch / 1e6, 1),
          **_compiled_figures(compiled)}
   if not args.compile_only:
-    seconds = time_train_step(compiled, state, data, rng, args, f"sami_{variant}_{_kernels_name(kernels)}_{remat}")
+    name = f"sami_{variant}_{_kernels_name(kernels)}_{remat}_m{microbatches}"
+    seconds = time_train_step(compiled, state, data, rng, args, name)
     row.update(ms_per_step=round(1e3 * seconds, 2), img_per_s=round(batch / seconds, 1))
     if peak:
       row["mfu"] = round(flops / seconds / (peak * 1e12), 4)
@@ -350,7 +367,7 @@ def bench_finetune(args) -> list[dict]:
   return each_setting(_model_settings(args), functools.partial(_bench_finetune_setting, args))
 
 
-def _bench_finetune_setting(args, variant: str, kernels: Kernels, remat: str) -> dict:
+def _bench_finetune_setting(args, variant: str, kernels: Kernels, remat: str, microbatches: int) -> dict:
   # pylint: disable=import-outside-toplevel
   from efficientsam_jax.models.efficient_sam import EfficientSam, EfficientSamConfig, init_params
   from efficientsam_jax.train import sharding
@@ -370,8 +387,8 @@ def _bench_finetune_setting(args, variant: str, kernels: Kernels, remat: str) ->
                                  "total_steps": 1000, "lr": {**job.lr.to_dict(), "warmup_steps": 0}})
   params = init_params(model, jax.random.PRNGKey(0))
   state, shardings = create_train_state(lambda rng: params, tx, jax.random.PRNGKey(0), mesh)
-  step = jit_train_step(make_train_step(model, tx, schedule, job.loss), shardings, sharding.batch_sharding(mesh),
-                        sharding.replicated(mesh))
+  step = jit_train_step(make_train_step(model, tx, schedule, job.loss, microbatches), shardings,
+                        sharding.batch_sharding(mesh), sharding.replicated(mesh))
   grid, side = config.low_res_size, config.img_size
   corner = jax.random.randint(jax.random.PRNGKey(1), (batch, args.masks, 2), 0, grid // 2)
   ys, xs = jnp.arange(grid)[:, None], jnp.arange(grid)[None, :]
@@ -392,7 +409,8 @@ def _bench_finetune_setting(args, variant: str, kernels: Kernels, remat: str) ->
          "compile_s": round(compile_s, 1), "kept_mb_per_example": kept and round(kept / batch / 1e6),
          **_compiled_figures(compiled)}
   if not args.compile_only:
-    seconds = time_train_step(compiled, state, data, rng, args, f"finetune_{variant}_{_kernels_name(kernels)}_{remat}")
+    name = f"finetune_{variant}_{_kernels_name(kernels)}_{remat}_m{microbatches}"
+    seconds = time_train_step(compiled, state, data, rng, args, name)
     row.update(ms_per_step=round(1e3 * seconds, 1), img_per_s=round(batch / seconds, 2),
                masks_per_s=round(batch * args.masks / seconds, 1))
   return row
@@ -475,6 +493,7 @@ def _parse_args(argv):
   sami.add_argument("--remat", type=parse_remat, default=[get_sami_config("s").remat],
                     help=REMAT_HELP + " (default: the SAMI configs')")
   sami.add_argument("--fsdp", type=int, default=1)
+  sami.add_argument("--microbatches", type=parse_ints, default=[1], help=MICROBATCHES_HELP)
   sami.add_argument("--peak-tflops", type=float, default=0.0, help="override the per-chip bf16 peak")
   sami.add_argument("--compile-only", action="store_true")
   finetune = sub.add_parser("finetune", parents=[common])
@@ -490,6 +509,7 @@ def _parse_args(argv):
   finetune.add_argument("--remat", type=parse_remat, default=[get_finetune_config("ti").remat],
                         help=REMAT_HELP + " (default: the finetuning configs' choice)")
   finetune.add_argument("--fsdp", type=int, default=1)
+  finetune.add_argument("--microbatches", type=parse_ints, default=[1], help=MICROBATCHES_HELP)
   finetune.add_argument("--compile-only", action="store_true")
   teacher = sub.add_parser("teacher", parents=[common])
   teacher.add_argument("--modes", type=lambda s: s.split(","), default=["upsample", "native"])

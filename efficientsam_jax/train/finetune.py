@@ -24,6 +24,7 @@ gives larger masks (``data.mask_size``).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
@@ -36,7 +37,7 @@ from efficientsam_jax.models.efficient_sam import EfficientSam, normalize_uint8
 from efficientsam_jax.models.layers import remat_policy
 from efficientsam_jax.models.vit import DROP_PATH_RNG
 from efficientsam_jax.train import prompts
-from efficientsam_jax.train.state import TrainState
+from efficientsam_jax.train.state import TrainState, accumulate_gradients
 
 
 def focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25, gamma: float = 2.0) -> jax.Array:
@@ -91,11 +92,21 @@ def round_loss(logits, iou_pred, masks, single_point, *, multimask: str, focal_w
   return take(mask_loss) + iou_weight * iou_loss, take(logits), take(all_iou)
 
 
+def _per_example(fn: Callable, rng: jax.Array, example_ids: jax.Array, *args):
+  """``fn(key, *row)`` for each row of ``args``, with the key ``fold_in(rng, example id)``: draws that do not
+  depend on which other examples share the batch."""
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, example_ids)
+  return jax.vmap(fn)(keys, *args)
+
+
 def make_loss_fn(model: EfficientSam, loss_config) -> Callable:
-  """``loss(params, batch, prompt_rng, drop_rng) -> (loss, (first-round mIoU, last-round mIoU))`` of one batch.
+  """``loss(params, batch, prompt_rng, drop_rng, example_ids=None, num_valid=None) -> (loss, (first-round
+  mIoU, last-round mIoU))``: sums over the valid masks of ``batch`` divided by ``num_valid`` (default: the
+  batch's own count, i.e. means), so the parts of a batch give it its share of the whole batch's mean.
 
   ``batch``: ``image`` uint8 [B, S, S, 3], ``masks`` uint8 [B, N, M, M],
-  ``valid`` bool [B, N], ``boxes`` [B, N, 4] (x0, y0, x1, y1 in S pixels).
+  ``valid`` bool [B, N], ``boxes`` [B, N, 4] (x0, y0, x1, y1 in S pixels). Example ``i``'s prompts are
+  drawn with ``example_ids[i]`` (default 0 … B − 1) folded into ``prompt_rng``.
   """
   c = model.config
   rounds = 1 + int(loss_config.correction_steps)
@@ -122,15 +133,19 @@ def make_loss_fn(model: EfficientSam, loss_config) -> Callable:
   if policy is not None:
     decode_round = jax.checkpoint(decode_round, policy=policy)
 
-  def loss_fn(params, batch, prompt_rng, drop_rng):
+  first_prompts = functools.partial(prompts.first_prompts, img_size=c.img_size, num_points=c.max_num_points,
+                                    point_prob=loss_config.point_prob, max_noise_px=loss_config.max_box_noise_px)
+  add_correction_point = functools.partial(prompts.add_correction_point, img_size=c.img_size)
+
+  def loss_fn(params, batch, prompt_rng, drop_rng, example_ids=None, num_valid=None):
     masks = batch["masks"].astype(bool)
     valid = batch["valid"].astype(jnp.float32)
-    num_valid = jnp.maximum(valid.sum(), 1.0)
+    num_valid = jnp.maximum(valid.sum(), 1.0) if num_valid is None else num_valid
+    ids = jnp.arange(masks.shape[0], dtype=jnp.int32) if example_ids is None else example_ids
     embeddings = model.apply({"params": params}, normalize_uint8(batch["image"]).astype(model.dtype),
                              method=EfficientSam.encode, rngs={DROP_PATH_RNG: drop_rng})
-    points, labels, is_point, next_slot = prompts.first_prompts(
-        jax.random.fold_in(prompt_rng, 0), masks, batch["boxes"], img_size=c.img_size,
-        num_points=c.max_num_points, point_prob=loss_config.point_prob, max_noise_px=loss_config.max_box_noise_px)
+    points, labels, is_point, next_slot = _per_example(first_prompts, jax.random.fold_in(prompt_rng, 0), ids,
+                                                       masks, batch["boxes"])
     total, first_iou = 0.0, None
     for r in range(rounds):
       loss, chosen, actual_iou = decode_round(params, embeddings, points, labels, masks, is_point & (r == 0))
@@ -138,24 +153,30 @@ def make_loss_fn(model: EfficientSam, loss_config) -> Callable:
       first_iou = actual_iou if first_iou is None else first_iou
       if r + 1 < rounds:
         prediction = jax.lax.stop_gradient(chosen) > 0
-        points, labels, next_slot = prompts.add_correction_point(
-            jax.random.fold_in(prompt_rng, r + 1), points, labels, next_slot, prediction, masks, c.img_size)
+        points, labels, next_slot = _per_example(add_correction_point, jax.random.fold_in(prompt_rng, r + 1), ids,
+                                                 points, labels, next_slot, prediction, masks)
     return total, (jnp.sum(first_iou * valid) / num_valid, jnp.sum(actual_iou * valid) / num_valid)
 
   return loss_fn
 
 
-def make_train_step(model: EfficientSam, tx: optax.GradientTransformation, schedule: Callable, loss_config):
+def make_train_step(model: EfficientSam, tx: optax.GradientTransformation, schedule: Callable, loss_config,
+                    microbatches: int = 1):
   """Returns ``step(state, batch, rng) -> (state, metrics)``; jit it with ``loop.jit_train_step``.
 
   ``batch`` as for ``make_loss_fn``. Prompt RNG is ``fold_in(rng, step)``: a resumed run draws the same prompts.
+  ``microbatches`` > 1 accumulates the gradient over that many parts of the batch
+  (``train.state.accumulate_gradients``): the same prompts, loss and update as one pass (stochastic depth, if
+  enabled, draws per part), with a part's activations alive at a time.
   """
   loss_fn = make_loss_fn(model, loss_config)
 
   def step(state: TrainState, batch, rng):
     prompt_rng, drop_rng = jax.random.split(jax.random.fold_in(rng, state.step))
-    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (first_miou, last_miou)), grads = value_and_grad(state.params, batch, prompt_rng, drop_rng)
+    num_valid = jnp.maximum(batch["valid"].astype(jnp.float32).sum(), 1.0)
+    share = lambda params, part, ids: loss_fn(params, part, prompt_rng, jax.random.fold_in(drop_rng, ids[0]), ids,
+                                              num_valid)
+    (loss, (first_miou, last_miou)), grads = accumulate_gradients(share, state.params, batch, microbatches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),

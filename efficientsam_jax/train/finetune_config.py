@@ -48,6 +48,11 @@ def get_finetune_config(variant: str, arg=None) -> ml_collections.ConfigDict:
   config.kernels = ml_collections.ConfigDict({"attention": "xla", "layer_norm": "two_pass", "backward": "lean"})
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   config.global_batch_size = 128
+  # Gradient accumulation: the batch runs as this many parts one after the other, each split over every device
+  # (global_batch_size must be a multiple of microbatches × devices): the recipe's batch on fewer or smaller
+  # GPUs, with the same prompts, loss and update as one pass (train.state.accumulate_gradients; stochastic
+  # depth, if enabled, draws per part).
+  config.microbatches = 1
   config.num_epochs = 5
   config.total_steps = 0  # 0: num_epochs × images / global_batch_size
   config.optimizer = ml_collections.ConfigDict({"name": "adamw", "b1": 0.9, "b2": 0.999, "weight_decay": 0.1,

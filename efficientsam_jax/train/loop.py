@@ -28,7 +28,7 @@ def jit_train_step(step_fn, state_shardings, batch_sharding, replicated):
 
 
 def optimizer_for(config, num_examples: int):
-  """(tx, schedule, total_steps) from a job config's batch size, length and optimizer fields.
+  """(tx, schedule, total_steps) from a job config's batch size, length and optimizer fields (checked).
 
   ``total_steps`` (if > 0) or ``num_epochs`` × steps per epoch; warm-up from
   ``lr.warmup_steps`` (if ≥ 0) or ``lr.warmup_epochs``; the lr scales with the
@@ -38,6 +38,10 @@ def optimizer_for(config, num_examples: int):
   global_batch = config.global_batch_size
   if global_batch % jax.process_count():
     raise ValueError(f"global_batch_size {global_batch} is not divisible by {jax.process_count()} processes")
+  microbatches = config.get("microbatches", 1)
+  if microbatches < 1 or global_batch % (microbatches * jax.device_count()):
+    raise ValueError(f"global_batch_size {global_batch} must be a multiple of microbatches ({microbatches}) × "
+                     f"devices ({jax.device_count()}): each microbatch is split over every device")
   steps_per_epoch = max(1, num_examples // global_batch) if num_examples else 0
   total_steps = config.total_steps or config.num_epochs * steps_per_epoch
   if total_steps <= 0:

@@ -57,24 +57,24 @@ def first_prompts(rng: jax.Array, masks: jax.Array, boxes: jax.Array, *, img_siz
   """The first prompt of every mask.
 
   Args:
-    masks: bool [B, N, M, M]; boxes: [B, N, 4] exact boxes in ``img_size`` pixels.
+    masks: bool [..., M, M] (e.g. [B, N, M, M]); boxes: [..., 4] exact boxes in ``img_size`` pixels.
     max_noise_px: the box-noise cap at a 1024 input (scaled by ``img_size / 1024``).
 
   Returns:
-    points [B, N, P, 2], labels [B, N, P] (padding -1), is_point bool [B, N]
-    and next_slot int [B, N] (1 after a point, 2 after a box).
+    points [..., P, 2], labels [..., P] (padding -1), is_point bool [...]
+    and next_slot int [...] (1 after a point, 2 after a box).
   """
   point_rng, box_rng, choice_rng = jax.random.split(rng, 3)
   point, _ = sample_in_region(point_rng, masks, img_size)
   box = noisy_boxes(box_rng, boxes.astype(jnp.float32), img_size, max_noise_px * img_size / 1024)
-  is_point = jax.random.bernoulli(choice_rng, point_prob, masks.shape[:2])
-  pad_xy = jnp.full((*masks.shape[:2], num_points - 2, 2), PAD)
+  is_point = jax.random.bernoulli(choice_rng, point_prob, masks.shape[:-2])
+  pad_xy = jnp.full((*masks.shape[:-2], num_points - 2, 2), PAD)
   points = jnp.where(is_point[..., None, None],
                      jnp.concatenate([point[..., None, :], jnp.full_like(point[..., None, :], PAD), pad_xy], -2),
                      jnp.concatenate([box[..., None, :2], box[..., None, 2:], pad_xy], -2))
-  pad_labels = jnp.full((*masks.shape[:2], num_points - 2), PAD)
-  point_labels = jnp.concatenate([jnp.full((*masks.shape[:2], 2), jnp.array([POSITIVE, PAD])), pad_labels], -1)
-  box_labels = jnp.concatenate([jnp.full((*masks.shape[:2], 2), jnp.array([BOX_TOP_LEFT, BOX_BOTTOM_RIGHT])),
+  pad_labels = jnp.full((*masks.shape[:-2], num_points - 2), PAD)
+  point_labels = jnp.concatenate([jnp.full((*masks.shape[:-2], 2), jnp.array([POSITIVE, PAD])), pad_labels], -1)
+  box_labels = jnp.concatenate([jnp.full((*masks.shape[:-2], 2), jnp.array([BOX_TOP_LEFT, BOX_BOTTOM_RIGHT])),
                                 pad_labels], -1)
   labels = jnp.where(is_point[..., None], point_labels, box_labels)
   next_slot = jnp.where(is_point, 1, 2)
@@ -83,7 +83,7 @@ def first_prompts(rng: jax.Array, masks: jax.Array, boxes: jax.Array, *, img_siz
 
 def add_correction_point(rng: jax.Array, points, labels, next_slot, prediction: jax.Array, masks: jax.Array,
                          img_size: int):
-  """Adds one point from the error region of ``prediction`` (bool [B, N, M, M]) at ``next_slot``.
+  """Adds one point from the error region of ``prediction`` (bool [..., M, M], as ``masks``) at ``next_slot``.
 
   Where the prediction is already exact nothing is added (the slot stays padding).
   Returns (points, labels, next_slot).
@@ -92,7 +92,7 @@ def add_correction_point(rng: jax.Array, points, labels, next_slot, prediction: 
   error = false_negative | (prediction & ~masks)
   xy, found = sample_in_region(rng, error, img_size)
   m = masks.shape[-1]
-  positive = jnp.take_along_axis(false_negative.reshape(*masks.shape[:2], m * m),
+  positive = jnp.take_along_axis(false_negative.reshape(*masks.shape[:-2], m * m),
                                  cell_of(xy, m, img_size)[..., None], axis=-1)[..., 0]
   label = jnp.where(found, jnp.where(positive, POSITIVE, NEGATIVE), PAD)
   slot = jax.nn.one_hot(next_slot, points.shape[-2], dtype=bool) & found[..., None]

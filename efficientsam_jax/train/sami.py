@@ -11,35 +11,39 @@ import optax
 
 from efficientsam_jax.models.efficient_sam import normalize_uint8
 from efficientsam_jax.models.sami import SamiModel, sami_loss
-from efficientsam_jax.train.state import TrainState
+from efficientsam_jax.train.state import TrainState, accumulate_gradients
 
 
 def make_loss_fn(model: SamiModel, loss_kind: str = "mse", loss_tokens: str = "all") -> Callable:
-  """``loss(params, batch, mask_rng)``: the batch's mean SAMI loss.
+  """``loss(params, batch, mask_rng, example_ids=None)``: the batch's mean SAMI loss.
 
   ``batch``: ``images`` uint8 [B, S, S, 3] (normalized here), ``targets`` [B, N, C] teacher
-  features in token order.
+  features in token order; ``example_ids`` pick each example's mask (``random_masking``).
   """
 
-  def loss(params, batch, mask_rng):
-    predictions, mask = model.apply({"params": params}, normalize_uint8(batch["images"]), mask_rng)
+  def loss(params, batch, mask_rng, example_ids=None):
+    predictions, mask = model.apply({"params": params}, normalize_uint8(batch["images"]), mask_rng, example_ids)
     return sami_loss(predictions, batch["targets"], mask, loss_kind, loss_tokens).mean()
 
   return loss
 
 
 def make_train_step(model: SamiModel, tx: optax.GradientTransformation, schedule: Callable,
-                    loss_kind: str = "mse", loss_tokens: str = "all"):
+                    loss_kind: str = "mse", loss_tokens: str = "all", microbatches: int = 1):
   """Returns ``step(state, batch, rng) -> (state, metrics)``; jit it with shardings and donation.
 
   ``batch`` as for ``make_loss_fn``. The mask RNG is ``fold_in(rng, step)``, so a resumed
-  run draws the same masks as an uninterrupted one.
+  run draws the same masks as an uninterrupted one. ``microbatches`` > 1 accumulates the
+  gradient over that many parts of the batch (``train.state.accumulate_gradients``): the same
+  masks, loss and update as one pass, with a part's activations alive at a time.
   """
   loss_fn = make_loss_fn(model, loss_kind, loss_tokens)
 
   def step(state: TrainState, batch, rng):
     mask_rng = jax.random.fold_in(rng, state.step)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, mask_rng)
+    rows = batch["images"].shape[0]
+    share = lambda params, part, ids: (loss_fn(params, part, mask_rng, ids) * (ids.shape[0] / rows), ())
+    (loss, _), grads = accumulate_gradients(share, state.params, batch, microbatches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
@@ -102,16 +106,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if config.data.verify:  # grain's reader skips CRCs: check every shard once, naming a damaged one
     teacher_records.verify_shards(records_dir)
   num_records = sum(entry["count"] for entry in shards.values())
+  # An epoch is a pass over the source images (the paper's 400 ImageNet epochs), not over their stored views.
+  if all("images" in entry for entry in shards.values()):
+    num_images = sum(entry["images"] for entry in shards.values())
+  else:
+    num_images = num_records
+    print(f"warning: the manifests in {records_dir} do not count source images (written by an older version): "
+          "an epoch here is a pass over the stored views; set total_steps to train for a given length")
 
   global_batch = config.global_batch_size
-  tx, schedule, total_steps = optimizer_for(config, num_records)
+  tx, schedule, total_steps = optimizer_for(config, num_images)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   model = SamiModel(SamiConfig(**config.model.to_dict()), dtype=jnp.dtype(config.dtype), remat=config.remat,
                     kernels=Kernels(**config.kernels.to_dict()))
   side = config.model.img_size
   init = lambda rng: model.init(rng, jnp.zeros((1, side, side, 3)), rng)["params"]
   state, shardings = create_train_state(init, tx, jax.random.PRNGKey(config.seed), mesh)
-  step_fn = jit_train_step(make_train_step(model, tx, schedule, config.loss.kind, config.loss.tokens),
+  step_fn = jit_train_step(make_train_step(model, tx, schedule, config.loss.kind, config.loss.tokens,
+                                           config.microbatches),
                            shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh))
   iterator = iter(sami_dataset(paths, local_batch_size=global_batch // jax.process_count(), seed=config.seed,
                                process_index=jax.process_index(), process_count=jax.process_count(),
@@ -120,7 +132,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       workdir=workdir, total_steps=total_steps, examples_per_step=global_batch,
                       log_every_steps=config.log_every_steps, checkpoint_every_steps=config.checkpoint.every_steps,
                       keep_checkpoints=config.checkpoint.keep, rng=jax.random.PRNGKey(config.seed + 1),
-                      description=f"SAMI: {num_records or '?'} records, ")
+                      description=f"SAMI: {num_records} views of {num_images} images, ")
   exported = None
   student = host_copy(result.state.params) if result.finished else None  # every process takes part
   if result.finished and jax.process_index() == 0:

@@ -3,7 +3,8 @@
 Defaults are the paper's recipe (§4.1, REFERENCE.md §2): ImageNet-1K views at
 224, mask ratio 0.75, cross-attention decoder 8 × 512 wide / 16 heads, AdamW
 (0.9, 0.95), weight decay 0.05, lr 1.5e-4 · 4096/256 = 2.4e-3, 400 epochs with
-40 of warm-up, cosine decay, global batch 4096, MSE over all tokens.
+40 of warm-up, cosine decay, global batch 4096, MSE over all tokens. An epoch is a
+pass over the source images (the manifests count them), not over their stored views.
 The ``smoke`` variant runs the whole pipeline on this CPU in about a minute:
 bundled photographs, a small random teacher, a tiny student.
 """
@@ -28,7 +29,7 @@ def get_sami_config(variant: str, arg=None) -> ml_collections.ConfigDict:
   # "cudnn" (NVIDIA GPU, bf16) or "auto" (cudnn where it runs, else xla: the ViT-S step 1.3× faster on an H200,
   # BENCHMARKS.md); LayerNorm "one_pass" (flax's default, fp32 statistics) or "two_pass" (PyTorch's);
   # the decoder's GELU "exact" or "tanh" (the student encoder keeps the exact GELU it is exported with);
-  # backward "lean" (LayerNorm and GELU keep only their inputs for the backward pass: ViT-S 92 → 59 MB of
+  # backward "lean" (LayerNorm and GELU keep only their inputs for the backward pass: ViT-S 87 → 54 MB of
   # activations per example) or "autodiff".
   config.kernels = ml_collections.ConfigDict({"attention": "auto", "layer_norm": "one_pass", "gelu": "exact",
                                               "backward": "lean"})
@@ -36,8 +37,12 @@ def get_sami_config(variant: str, arg=None) -> ml_collections.ConfigDict:
   config.remat = "none"  # or "full", "dots", "projections": what the blocks keep for the backward (layers.remat)
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   config.global_batch_size = 4096
+  # Gradient accumulation: the batch runs as this many parts one after the other, each split over every device
+  # (global_batch_size must be a multiple of microbatches × devices): the recipe's batch 4096 on fewer or smaller
+  # GPUs, with the same masks, loss and update as one pass (train.state.accumulate_gradients).
+  config.microbatches = 1
   config.num_epochs = 400
-  config.total_steps = 0  # 0: num_epochs × records / global_batch_size
+  config.total_steps = 0  # 0: num_epochs × source images / global_batch_size (an epoch: one view per image)
   config.optimizer = ml_collections.ConfigDict({"name": "adamw", "b1": 0.9, "b2": 0.95, "weight_decay": 0.05,
                                                 "grad_clip_norm": 0.0})
   config.lr = ml_collections.ConfigDict({"base_lr": 1.5e-4, "base_batch": 256, "schedule": "cosine",

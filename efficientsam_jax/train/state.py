@@ -1,4 +1,4 @@
-"""Train state and its sharded initialization, shared by every training phase."""
+"""Train state, its sharded initialization and gradient accumulation, shared by every training phase."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import flax
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
@@ -36,3 +37,35 @@ def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.Gradie
   shardings = sharding.state_shardings(abstract, mesh)
   state = jax.jit(init, out_shardings=shardings)(rng)
   return state, shardings
+
+
+def accumulate_gradients(share_fn: Callable, params, batch, microbatches: int = 1):
+  """Sums ``share_fn(params, part, ids) -> (value, aux)`` and its gradient over ``microbatches`` parts of ``batch``.
+
+  ``share_fn`` returns its part's share of the whole batch's value (e.g. the sum
+  of the part's per-example losses over the whole batch size), so the sums are
+  the whole batch's value and gradient; ``ids`` [part size] are the part's rows'
+  indices in the whole batch, for per-example randomness that does not depend on
+  the split. Part ``j`` holds rows j, j + k, j + 2k, ...: each device's
+  contiguous block of the batch splits into k blocks that stay on it. The parts
+  run one after the other (``lax.scan``), so the activations of one part at a
+  time are alive; with 1 the function is called once on the whole batch.
+  Returns ((value, aux), grads).
+  """
+  rows = jax.tree_util.tree_leaves(batch)[0].shape[0]
+  if rows % microbatches:
+    raise ValueError(f"a batch of {rows} does not split into {microbatches} microbatches")
+  value_and_grad = jax.value_and_grad(share_fn, has_aux=True)
+  ids = jnp.arange(rows, dtype=jnp.int32)
+  if microbatches == 1:
+    return value_and_grad(params, batch, ids)
+  split = lambda x: jnp.swapaxes(x.reshape(rows // microbatches, microbatches, *x.shape[1:]), 0, 1)
+  parts = jax.tree_util.tree_map(split, (batch, ids))
+  part_shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), parts)
+  zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                 jax.eval_shape(value_and_grad, params, *part_shapes))
+
+  def add_part(total, part):
+    return jax.tree_util.tree_map(jnp.add, total, value_and_grad(params, *part)), None
+
+  return jax.lax.scan(add_part, zeros, parts)[0]
