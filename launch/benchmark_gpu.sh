@@ -19,7 +19,7 @@
 # included): most informative first, one call per line: "sami_profile sami_kernels" (≤ 5.5 min), then
 # "sami_flags sami" (≤ 9.7 min), then "sami_options teacher" (≤ 7 min), then "finetune", then the rest.
 # WHEELS_DIR: wheels of packages the machine lacks, installed to /tmp/site first (for machines
-# without a package index).
+# without a package index; `bash launch/gpu_wheels.sh` downloads them into .whl/, to carry).
 set -uo pipefail
 out=${1:?output directory}; wheels=${2:-}
 parts=${3:-sami_profile sami_kernels sami_flags sami sami_options teacher finetune sami_input sami_smoke inference \

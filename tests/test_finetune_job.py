@@ -1,4 +1,5 @@
-"""The finetuning job end to end on generated SA-1B data and 8 fake devices: SAMI init, kill + resume, export."""
+"""The finetuning job end to end on generated SA-1B data and 8 fake devices: SAMI init, gradient accumulation,
+kill + resume, export."""
 
 import os
 
@@ -23,6 +24,11 @@ def test_job_from_a_sami_export_killed_resumes_exactly_and_exports(tmp_path, cap
   config.total_steps = 4
   config.log_every_steps = 2
   config.checkpoint.every_steps = 2
+  config.global_batch_size, config.microbatches = 16, 2  # gradient accumulation: 2 parts of 8, one per device
+  from efficientsam_jax.train import finetune
+  real_accumulate, parts = finetune.accumulate_gradients, []
+  monkeypatch.setattr(finetune, "accumulate_gradients",
+                      lambda *a: parts.append(a[-1]) or real_accumulate(*a))  # records the step's microbatches
   # A SAMI-style export: an EfficientSAM weights directory whose encoder we can recognize.
   model_config = EfficientSamConfig(**config.model.to_dict())
   sami = jax.device_get(init_params(EfficientSam(model_config), jax.random.PRNGKey(7)))
@@ -36,6 +42,7 @@ def test_job_from_a_sami_export_killed_resumes_exactly_and_exports(tmp_path, cap
   assert 0.0 <= straight["miou_before"] <= 1.0 and 0.0 <= straight["miou_after"] <= 1.0
   assert sum(straight["skipped"].values()) == 0
   assert {"2", "4"} <= set(os.listdir(tmp_path / "straight" / "checkpoints"))
+  assert parts and set(parts) == {2}
 
   real, calls = loop.sharding.global_batch, []
 

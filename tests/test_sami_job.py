@@ -3,6 +3,8 @@
 import os
 import re
 
+import pytest
+
 from efficientsam_jax.train.loop import memory_report
 from efficientsam_jax.train.sami import train_and_evaluate
 from conftest import load_config
@@ -50,4 +52,21 @@ def test_memory_report_warns_when_the_step_cannot_fit():
   assert memory_report(3 * 2**30, 4 * 2**30) == "XLA memory estimate per device: 3.00 GiB of 4.00 GiB"
   over = memory_report(5 * 2**30, 4 * 2**30)
   assert over.startswith("WARNING: XLA memory estimate per device: 5.00 GiB of 4.00 GiB: the step will run out")
-  assert "global_batch_size" in over and "remat" in over and "fsdp" in over
+  assert all(knob in over for knob in ("microbatches", "global_batch_size", "remat", "fsdp"))
+
+
+def test_job_steps_accumulate_over_its_microbatches(tmp_path, monkeypatch):
+  from efficientsam_jax.train import sami
+
+  class Traced(Exception):
+    pass
+
+  def accumulate(*args):
+    raise Traced(args[-1])  # the step's microbatches, seen while the loop compiles it
+
+  config = load_config("sami_vits", "smoke")
+  config.global_batch_size, config.microbatches = 16, 2
+  monkeypatch.setattr(sami, "accumulate_gradients", accumulate)
+  with pytest.raises(Traced) as traced:
+    train_and_evaluate(config, str(tmp_path))
+  assert traced.value.args == (2,)

@@ -293,7 +293,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh.to_dict())
   params = _init_params(model, config, jax.random.PRNGKey(config.seed))
   state, shardings = create_train_state(lambda rng: params, tx, jax.random.PRNGKey(config.seed), mesh)
-  step_fn = jit_train_step(make_train_step(model, tx, schedule, config.loss), shardings,
+  step_fn = jit_train_step(make_train_step(model, tx, schedule, config.loss, config.microbatches), shardings,
                            sharding.batch_sharding(mesh), sharding.replicated(mesh))
   iterator = iter(sa1b_dataset(sources, local_batch_size=config.global_batch_size // jax.process_count(),
                                seed=config.seed, process_index=jax.process_index(),

@@ -73,8 +73,9 @@ def memory_report(estimate: Optional[int], limit: Optional[int]) -> str:
     return line
   line += f" of {limit / 2**30:.2f} GiB"
   if estimate > limit:
-    line = (f"WARNING: {line}: the step will run out of memory. Lower global_batch_size, or set remat "
-            f"({' / '.join(REMAT_POLICIES)}: models/layers.py remat), or shard the state over more devices (mesh.fsdp)")
+    line = (f"WARNING: {line}: the step will run out of memory. Raise microbatches (gradient accumulation, "
+            f"same update), or set remat ({' / '.join(REMAT_POLICIES)}: models/layers.py remat), or shard the "
+            "state over more devices (mesh.fsdp), or lower global_batch_size")
   return line
 
 
