@@ -3,6 +3,7 @@ through ``launch/multihost.sh``: per-process shards, a global batch built from b
 shared checkpoints, one export."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,6 +17,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _diagnosis(output: str) -> str:
+  """What a failed process said: its error lines (absl FATAL/ERROR, Python errors, aborts) and its last lines."""
+  errors = [line for line in output.splitlines()
+            if re.match(r"[EF]\d{4} ", line) or re.search(r"Error|Fatal|Terminating|Check failed|Aborted", line)]
+  return "\n".join(["errors:", *errors[:40], "last lines:", *output.splitlines()[-30:]])
+
+
 def test_two_process_sami_smoke_job(tmp_path):
   address = f"localhost:{_free_port()}"
   env = {**os.environ, "PYTHONPATH": os.path.abspath(REPO), "PATH": os.path.dirname(sys.executable) + ":" +
@@ -26,8 +34,10 @@ def test_two_process_sami_smoke_job(tmp_path):
   procs = [subprocess.Popen(["bash", "launch/multihost.sh", address, "2", str(i), *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
-  for i, (p, out) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f"process {i}:\n{out[-3000:]}"
+  codes = [p.returncode for p in procs]
+  assert codes == [0, 0], "\n".join(f"process {i} (exit {code}):\n{_diagnosis(out)}"
+                                     for i, (code, out) in enumerate(zip(codes, outputs)))
+  for i, out in enumerate(outputs):
     assert f"process {i} of 2" in out
   assert "mesh {'data': 2, 'fsdp': 1}" in outputs[0] and "step 6/6" in outputs[0]
   # Each process wrote its own shard and manifest; process 0 alone exported the student.
