@@ -278,6 +278,13 @@ class ConvTranspose2x2(nn.Module):
     return jnp.einsum("...c,abco->...abo", x, kernel) + bias
 
 
+def per_example(fn: Callable, rng: jax.Array, example_ids: jax.Array, *args):
+  """``fn(key, *row)`` for each row of ``args`` (none: one call per id), with the key ``fold_in(rng, example
+  id)``: random draws that do not depend on which other examples share the batch (gradient accumulation)."""
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, example_ids)
+  return jax.vmap(fn)(keys, *args)
+
+
 def pixel_shuffle(x: jax.Array, levels: int) -> jax.Array:
   """[N, h, w, (2, 2) × levels, ...] from ``levels`` stacked ``ConvTranspose2x2`` → [N, 2^L·h, 2^L·w, ...].
 

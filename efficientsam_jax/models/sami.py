@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientsam_jax.common.config import JsonConfig
-from efficientsam_jax.models.layers import Kernels, remat
+from efficientsam_jax.models.layers import Kernels, per_example, remat
 from efficientsam_jax.models.vit import VIT_SIZES, Block, ImageEncoderViT, Mlp
 
 Dtype = Any
@@ -91,7 +91,7 @@ def random_masking(rng: jax.Array, batch: int, num_tokens: int, num_visible: int
     mask [B, N]: 1.0 where the token is hidden from the encoder.
   """
   ids = jnp.arange(batch, dtype=jnp.int32) if example_ids is None else example_ids
-  noise = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i), (num_tokens,)))(ids)
+  noise = per_example(lambda key: jax.random.uniform(key, (num_tokens,)), rng, ids)
   shuffle = jnp.argsort(noise, axis=1)
   restore = jnp.argsort(shuffle, axis=1)
   mask = (restore >= num_visible).astype(jnp.float32)

@@ -34,7 +34,7 @@ import optax
 
 from efficientsam_jax.common.multihost import barrier, host_copy
 from efficientsam_jax.models.efficient_sam import EfficientSam, normalize_uint8
-from efficientsam_jax.models.layers import remat_policy
+from efficientsam_jax.models.layers import per_example, remat_policy
 from efficientsam_jax.models.vit import DROP_PATH_RNG
 from efficientsam_jax.train import prompts
 from efficientsam_jax.train.state import TrainState, accumulate_gradients
@@ -92,13 +92,6 @@ def round_loss(logits, iou_pred, masks, single_point, *, multimask: str, focal_w
   return take(mask_loss) + iou_weight * iou_loss, take(logits), take(all_iou)
 
 
-def _per_example(fn: Callable, rng: jax.Array, example_ids: jax.Array, *args):
-  """``fn(key, *row)`` for each row of ``args``, with the key ``fold_in(rng, example id)``: draws that do not
-  depend on which other examples share the batch."""
-  keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, example_ids)
-  return jax.vmap(fn)(keys, *args)
-
-
 def make_loss_fn(model: EfficientSam, loss_config) -> Callable:
   """``loss(params, batch, prompt_rng, drop_rng, example_ids=None, num_valid=None) -> (loss, (first-round
   mIoU, last-round mIoU))``: sums over the valid masks of ``batch`` divided by ``num_valid`` (default: the
@@ -144,8 +137,8 @@ def make_loss_fn(model: EfficientSam, loss_config) -> Callable:
     ids = jnp.arange(masks.shape[0], dtype=jnp.int32) if example_ids is None else example_ids
     embeddings = model.apply({"params": params}, normalize_uint8(batch["image"]).astype(model.dtype),
                              method=EfficientSam.encode, rngs={DROP_PATH_RNG: drop_rng})
-    points, labels, is_point, next_slot = _per_example(first_prompts, jax.random.fold_in(prompt_rng, 0), ids,
-                                                       masks, batch["boxes"])
+    points, labels, is_point, next_slot = per_example(first_prompts, jax.random.fold_in(prompt_rng, 0), ids,
+                                                      masks, batch["boxes"])
     total, first_iou = 0.0, None
     for r in range(rounds):
       loss, chosen, actual_iou = decode_round(params, embeddings, points, labels, masks, is_point & (r == 0))
@@ -153,8 +146,8 @@ def make_loss_fn(model: EfficientSam, loss_config) -> Callable:
       first_iou = actual_iou if first_iou is None else first_iou
       if r + 1 < rounds:
         prediction = jax.lax.stop_gradient(chosen) > 0
-        points, labels, next_slot = _per_example(add_correction_point, jax.random.fold_in(prompt_rng, r + 1), ids,
-                                                 points, labels, next_slot, prediction, masks)
+        points, labels, next_slot = per_example(add_correction_point, jax.random.fold_in(prompt_rng, r + 1), ids,
+                                                points, labels, next_slot, prediction, masks)
     return total, (jnp.sum(first_iou * valid) / num_valid, jnp.sum(actual_iou * valid) / num_valid)
 
   return loss_fn

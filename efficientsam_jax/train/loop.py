@@ -38,7 +38,7 @@ def optimizer_for(config, num_examples: int):
   global_batch = config.global_batch_size
   if global_batch % jax.process_count():
     raise ValueError(f"global_batch_size {global_batch} is not divisible by {jax.process_count()} processes")
-  microbatches = config.get("microbatches", 1)
+  microbatches = config.microbatches
   if microbatches < 1 or global_batch % (microbatches * jax.device_count()):
     raise ValueError(f"global_batch_size {global_batch} must be a multiple of microbatches ({microbatches}) × "
                      f"devices ({jax.device_count()}): each microbatch is split over every device")
