@@ -191,6 +191,25 @@ def test_bad_files_are_skipped_counted_and_named(data, tmp_path, caplog):
   for name in ("sa_2.jpg", "sa_3.json", "sa_4.json", "sa_5.json", "sa_6", "sa_7.jpg", "sa_8.jpg"):
     assert os.path.join(folder, name) in caplog.text
   assert "bad_jpeg 2" in stats.summary()
+  # Counted as consumed, with the counts in the iterator state: stopped after two batches and resumed with fresh
+  # stats, the totals are the uninterrupted run's (the read-ahead threads have loaded more by then).
+  def dataset(stats):
+    return sa1b.sa1b_dataset([folder], local_batch_size=1, seed=0, num_epochs=1, read_threads=2, stats=stats,
+                             **SMALL)
+  first, again = sa1b.SkipStats(), sa1b.SkipStats()
+  iterator = iter(dataset(first))
+  next(iterator), next(iterator)
+  state = iterator.get_state()
+  # The index's one loss + the samples consumed up to the second kept one, whatever the threads read ahead.
+  assert first.kept == 2 and 0 < sum(state["skipped"].values()) < 6
+  assert sum(first.skipped.values()) == 1 + sum(state["skipped"].values())
+  resumed = iter(dataset(again))
+  resumed.set_state(state)
+  assert again.as_dict() == first.as_dict()
+  assert len(list(resumed)) == 1 and again.as_dict() == stats.as_dict()
+  old = iter(dataset(sa1b.SkipStats()))  # an earlier version's state: the position alone
+  old.set_state(state["parent"])
+  assert len(list(old)) == 1
 
 
 def _tar_members(path):

@@ -35,7 +35,10 @@ Bad data never stops the job: an undecodable JPEG, malformed JSON, a bad RLE, an
 RLE or JPEG whose size disagrees with the JSON, or an image without a usable
 mask is logged with its file name and skipped before batching; a damaged or
 truncated tar keeps every readable member and reports what it lost. All of it
-is counted in a ``SkipStats`` for the training loop to report.
+is counted in a ``SkipStats`` for the training loop to report: the losses of
+the index when it is built, the samples as the batches are consumed (not as the
+read-ahead threads load them), with the sample counts in the iterator's state,
+so a resumed job reports the totals an uninterrupted one would.
 
 Batches (``sa1b_dataset``): "image" uint8 [B, S, S, 3], "masks" uint8 {0, 1}
 [B, N, M, M], "valid" bool [B, N], "num_masks" int32 [B], "boxes" float32
@@ -83,7 +86,8 @@ class SkipStats:
 
   Each skip is logged as a warning naming the file (the first ``log_limit`` per
   reason; after that one summary per 1000 skips of a reason, so a job whose data
-  are all bad does not spin silently). Counts live in memory: a resumed job starts at zero.
+  are all bad does not spin silently). ``sa1b_dataset`` counts its samples as they are consumed and keeps
+  those counts in its iterator state (``restore_samples``), so they survive a resume.
   """
 
   def __init__(self, log_limit: int = 20):
@@ -93,7 +97,7 @@ class SkipStats:
     self._kept = 0
     self._log_limit = log_limit
 
-  def __getstate__(self) -> dict:  # picklable for grain worker processes (each then counts its own skips)
+  def __getstate__(self) -> dict:  # picklable, for a transform sent to grain worker processes
     state = self.__dict__.copy()
     del state["_lock"]
     return state
@@ -116,6 +120,16 @@ class SkipStats:
   def keep(self) -> None:
     with self._lock:
       self._kept += 1
+
+  def restore_samples(self, kept: int, skipped: dict[str, int], counted: tuple[int, dict[str, int]]) -> None:
+    """Replaces the sample counts ``counted`` (kept, skipped) that are part of these totals by the restored
+    ``kept`` and ``skipped`` (a resumed iterator's), leaving the index's own losses as they are."""
+    counted_kept, counted_skipped = counted
+    with self._lock:
+      self._kept += kept - counted_kept
+      for reason in set(skipped) | set(counted_skipped):
+        self._skipped[reason] += skipped.get(reason, 0) - counted_skipped.get(reason, 0)
+      self._skipped = +self._skipped  # drops zero counts
 
   def add_time(self, stage: str, seconds: float) -> None:
     with self._lock:
@@ -634,37 +648,78 @@ def load_sample(jpg: bytes, json_bytes: bytes, rng: np.random.Generator, *, imag
           "num_masks": np.int32(len(rles)), "boxes": boxes}
 
 
+class Skip(NamedTuple):
+  """What the transform gives instead of a sample that cannot be used (``SkipStats.skip``'s arguments)."""
+  reason: str
+  name: str
+  detail: str
+
+
 class _Transform:
-  """grain ``map_with_index`` function: RawSample at position ``epoch·len + sample`` → sample dict or None."""
+  """grain ``map_with_index`` function: RawSample at position ``epoch·len + sample`` → sample dict or Skip."""
 
   def __init__(self, length: int, seed: int, stats: SkipStats, **options):
     self.length, self.seed, self.stats, self.options = length, seed, stats, options
+    self.unexpected = 0  # a limit on tracebacks in the log (threads may race on it; harmless)
 
-  def __call__(self, position: int, raw: RawSample) -> Optional[dict]:
+  def __call__(self, position: int, raw: RawSample) -> dict | Skip:
     epoch = position // self.length
     if raw.error is not None:
-      self.stats.skip("read_error", raw.name, raw.error)
-      return None
+      return Skip("read_error", raw.name, raw.error)
     try:
       sample = load_sample(raw.jpg, raw.json, sample_rng(self.seed, raw.index, epoch), stats=self.stats,
                            **self.options)
     except BadSample as error:
-      self.stats.skip(error.reason, raw.name + error.suffix, str(error))
-      return None
+      return Skip(error.reason, raw.name + error.suffix, str(error))
     except Exception as error:  # noqa: BLE001 -- a sample must never kill the job; it is counted and logged
-      if self.stats.skipped.get("unexpected_error", 0) < 3:
+      self.unexpected += 1
+      if self.unexpected <= 3:
         logger.exception("SA-1B: unexpected error on %s", raw.name)
-      self.stats.skip("unexpected_error", raw.name, repr(error))
-      return None
+      return Skip("unexpected_error", raw.name, repr(error))
     if sample is None:
-      self.stats.skip("no_valid_mask", raw.name, "no non-empty mask within the area limit")
-      return None
-    self.stats.keep()
+      return Skip("no_valid_mask", raw.name, "no non-empty mask within the area limit")
     return sample
 
 
-def _is_sample(sample: Optional[dict]) -> bool:
-  return sample is not None
+class _Counted(grain.IterDataset):
+  """Drops the ``Skip`` items and counts them, and the samples, into ``stats`` as they are consumed."""
+
+  def __init__(self, parent: grain.IterDataset, stats: SkipStats):
+    super().__init__(parent)
+    self._counts = stats
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _CountedIterator(self._parent.__iter__(), self._counts)
+
+
+class _CountedIterator(grain.DatasetIterator):
+  """``_Counted``'s iterator; its state adds this iterator's counts to the parent's state."""
+
+  def __init__(self, parent: grain.DatasetIterator, stats: SkipStats):
+    super().__init__(parent)
+    self._counts = stats
+    self._kept = 0
+    self._skips: collections.Counter = collections.Counter()
+
+  def __next__(self) -> dict:
+    while True:
+      item = next(self._parent)
+      if not isinstance(item, Skip):
+        self._kept += 1
+        self._counts.keep()
+        return item
+      self._skips[item.reason] += 1
+      self._counts.skip(*item)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._parent.get_state(), "kept": self._kept, "skipped": dict(self._skips)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if "parent" not in state:  # a checkpoint from before the counts were kept: they restart at zero
+      state = {"parent": state, "kept": 0, "skipped": {}}
+    self._parent.set_state(state["parent"])
+    self._counts.restore_samples(state["kept"], state["skipped"], (self._kept, dict(self._skips)))
+    self._kept, self._skips = state["kept"], collections.Counter(state["skipped"])
 
 
 def sa1b_dataset(sources: Sequence[str], *, local_batch_size: int, seed: int, image_size: int = 1024,
@@ -690,10 +745,9 @@ def sa1b_dataset(sources: Sequence[str], *, local_batch_size: int, seed: int, im
   ds = grain.MapDataset.source(index).map_with_index(transform)  # sees epoch·len + sample (shuffle passes it)
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs).filter(_is_sample)
   buffer = prefetch_buffer_size if prefetch_buffer_size is not None else max(2 * local_batch_size, read_threads)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=buffer))
-  return ds.batch(local_batch_size, drop_remainder=True)
+  ds = ds.repeat(num_epochs).to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=buffer))
+  return _Counted(ds, stats).batch(local_batch_size, drop_remainder=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
