@@ -66,6 +66,10 @@ def run(config, workdir: str) -> None:
   if config.task not in TASKS:
     raise ValueError(f"unknown task {config.task!r} in config; known tasks: {sorted(TASKS)}")
   TASKS[config.task](config, workdir)
+  from efficientsam_jax.common.multihost import barrier  # pylint: disable=import-outside-toplevel
+  # No process leaves (and shuts jax.distributed down) while another still finalizes its last checkpoint
+  # or writes the export.
+  barrier(f"{config.task}_done")
 
 
 def main(argv) -> None:
