@@ -159,7 +159,7 @@ def test_batches_are_deterministic_and_resume_from_iterator_state(data):
   assert any(not np.array_equal(samples[i]["masks"], samples[i + COUNT]["masks"]) for i in range(COUNT))
 
 
-def test_bad_files_are_skipped_counted_and_named(data, tmp_path, caplog):
+def test_bad_files_are_skipped_counted_named_and_resumed(data, tmp_path, caplog):
   folder = str(tmp_path / "bad")
   shutil.copytree(data[0], folder)
 
