@@ -87,7 +87,7 @@ class SkipStats:
   Each skip is logged as a warning naming the file (the first ``log_limit`` per
   reason; after that one summary per 1000 skips of a reason, so a job whose data
   are all bad does not spin silently). ``sa1b_dataset`` counts its samples as they are consumed and keeps
-  those counts in its iterator state (``restore_samples``), so they survive a resume.
+  those counts in its iterator state (restored with ``add``), so they survive a resume.
   """
 
   def __init__(self, log_limit: int = 20):
@@ -121,14 +121,11 @@ class SkipStats:
     with self._lock:
       self._kept += 1
 
-  def restore_samples(self, kept: int, skipped: dict[str, int], counted: tuple[int, dict[str, int]]) -> None:
-    """Replaces the sample counts ``counted`` (kept, skipped) that are part of these totals by the restored
-    ``kept`` and ``skipped`` (a resumed iterator's), leaving the index's own losses as they are."""
-    counted_kept, counted_skipped = counted
+  def add(self, kept: int, skipped: dict[str, int]) -> None:
+    """Adds counts (negative ones take counts back) without logging: what a resumed iterator restores."""
     with self._lock:
-      self._kept += kept - counted_kept
-      for reason in set(skipped) | set(counted_skipped):
-        self._skipped[reason] += skipped.get(reason, 0) - counted_skipped.get(reason, 0)
+      self._kept += kept
+      self._skipped.update(skipped)
       self._skipped = +self._skipped  # drops zero counts
 
   def add_time(self, stage: str, seconds: float) -> None:
@@ -686,10 +683,10 @@ class _Counted(grain.IterDataset):
 
   def __init__(self, parent: grain.IterDataset, stats: SkipStats):
     super().__init__(parent)
-    self._counts = stats
+    self._skip_stats = stats  # not ``_stats``: grain's own attribute
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _CountedIterator(self._parent.__iter__(), self._counts)
+    return _CountedIterator(self._parent.__iter__(), self._skip_stats)
 
 
 class _CountedIterator(grain.DatasetIterator):
@@ -697,7 +694,7 @@ class _CountedIterator(grain.DatasetIterator):
 
   def __init__(self, parent: grain.DatasetIterator, stats: SkipStats):
     super().__init__(parent)
-    self._counts = stats
+    self._skip_stats = stats
     self._kept = 0
     self._skips: collections.Counter = collections.Counter()
 
@@ -706,10 +703,10 @@ class _CountedIterator(grain.DatasetIterator):
       item = next(self._parent)
       if not isinstance(item, Skip):
         self._kept += 1
-        self._counts.keep()
+        self._skip_stats.keep()
         return item
       self._skips[item.reason] += 1
-      self._counts.skip(*item)
+      self._skip_stats.skip(*item)
 
   def get_state(self) -> dict[str, Any]:
     return {"parent": self._parent.get_state(), "kept": self._kept, "skipped": dict(self._skips)}
@@ -718,8 +715,11 @@ class _CountedIterator(grain.DatasetIterator):
     if "parent" not in state:  # a checkpoint from before the counts were kept: they restart at zero
       state = {"parent": state, "kept": 0, "skipped": {}}
     self._parent.set_state(state["parent"])
-    self._counts.restore_samples(state["kept"], state["skipped"], (self._kept, dict(self._skips)))
-    self._kept, self._skips = state["kept"], collections.Counter(state["skipped"])
+    skips = collections.Counter(state["skipped"])
+    change = skips.copy()
+    change.subtract(self._skips)  # these counts replace the ones this iterator has added so far
+    self._skip_stats.add(state["kept"] - self._kept, change)
+    self._kept, self._skips = state["kept"], skips
 
 
 def sa1b_dataset(sources: Sequence[str], *, local_batch_size: int, seed: int, image_size: int = 1024,
