@@ -1,4 +1,5 @@
-"""LayerNorm and GELU with lean backward passes: flax's / jax's values, autodiff's gradients, less kept."""
+"""LayerNorm and GELU with lean backward passes (flax's / jax's values, autodiff's gradients, less kept); attention
+with padded tokens."""
 
 import flax.linen as nn
 import jax
@@ -87,3 +88,26 @@ def test_sami_model_with_lean_backward_keeps_less_for_the_same_values():
   assert Kernels().backward == "lean"
   with pytest.raises(ValueError, match="backward must be one of"):
     Kernels(backward="remat")
+
+
+@pytest.mark.parametrize("tokens", [7, 8])
+def test_attention_ignores_padded_keys(monkeypatch, tokens):
+  """Rows padded before the projections (``Kernels.token_padding``): keys from ``num_keys`` on change nothing, on
+  the XLA path and on the cuDNN path (jax's XLA kernel standing in for cuDNN's, none here), and the cuDNN path
+  sees even counts only."""
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, tokens, 4, 8)) for i in range(3))
+  reference = layers.attention(q, k, v, "xla")
+  garbage = lambda x: jnp.concatenate([x, 100.0 + x[:, :1]], axis=1)  # one padded key: anything but zeros
+  np.testing.assert_array_equal(layers.attention(q, garbage(k), garbage(v), "xla", num_keys=tokens), reference)
+  real, lengths = jax.nn.dot_product_attention, []
+
+  def xla_kernel(q, k, v, *args, implementation=None, **kwargs):
+    lengths.append((q.shape[1], k.shape[1]))
+    return real(q, k, v, *args, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", xla_kernel)
+  padded = layers.attention(garbage(q), garbage(k), garbage(v), "cudnn", num_keys=tokens)
+  np.testing.assert_allclose(padded[:, :tokens], reference, atol=1e-5)
+  assert all(t % 2 == 0 and s % 2 == 0 for t, s in lengths), lengths
+  assert Kernels(attention="cudnn").token_padding(tokens, jnp.bfloat16) == tokens % 2
+  assert Kernels(attention="xla").token_padding(tokens, jnp.bfloat16) == 0

@@ -116,7 +116,7 @@ def test_auto_attention_is_cudnn_on_nvidia_gpus_in_half_precision(monkeypatch):
   assert layers.resolve_attention("cudnn", jnp.float32) == "cudnn"
   with pytest.raises(ValueError, match="must be one of"):
     layers.resolve_attention("flash", jnp.bfloat16)
-  monkeypatch.setattr(layers, "_on_cuda", lambda: True)
+  monkeypatch.setattr(layers, "_on_cuda", lambda device=None: True)
   assert [layers.resolve_attention("auto", d) for d in (jnp.bfloat16, jnp.float16, jnp.float32)] == [
       "cudnn", "cudnn", "xla"]
   called = []

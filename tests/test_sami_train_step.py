@@ -12,7 +12,7 @@ from efficientsam_jax.train.finetune_config import get_finetune_config
 from efficientsam_jax.train.loop import jit_train_step, optimizer_for
 from efficientsam_jax.train.sami import make_train_step
 from efficientsam_jax.train.sami_config import get_sami_config
-from efficientsam_jax.train.state import create_train_state
+from efficientsam_jax.train.state import abstract_train_state, create_train_state
 
 TINY = SamiConfig(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4, img_size=64,
                   decoder_dim=64, decoder_depth=2, decoder_num_heads=4, target_dim=16)
@@ -55,6 +55,28 @@ def test_data_fsdp_mesh_matches_one_device():
   assert kernel.addressable_shards[0].data.shape[1] == 256 // 4
   moments = jax.tree_util.tree_leaves(state.opt_state)
   assert any("fsdp" in getattr(m.sharding, "spec", ()) for m in moments)
+
+
+def test_abstract_state_compiles_the_step_that_runs_the_real_one():
+  """``abstract_train_state`` (shapes only: what a compile for absent devices gets) has the real state's shapes,
+  dtypes and shardings, so a step compiled from it runs on the real state."""
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+  model = SamiModel(TINY)
+  tx, schedule = make_optimizer({"optimizer": {"b1": 0.9, "b2": 0.95, "weight_decay": 0.05},
+                                 "lr": {"base_lr": 1.5e-4, "warmup_steps": 1}, "global_batch_size": 8,
+                                 "total_steps": 10})
+  init = lambda rng: model.init(rng, jnp.zeros((1, 64, 64, 3)), rng)["params"]
+  state, shardings = create_train_state(init, tx, jax.random.PRNGKey(0), mesh)
+  abstract, abstract_shardings = abstract_train_state(init, tx, mesh)
+  assert jax.tree.structure(abstract) == jax.tree.structure(state)
+  for real, shape, named in zip(*(jax.tree.leaves(t) for t in (state, abstract, abstract_shardings))):
+    assert (shape.shape, shape.dtype, shape.sharding, named) == (real.shape, real.dtype, real.sharding, real.sharding)
+  batch = sharding.global_batch(_batch(0), mesh)
+  step = jit_train_step(make_train_step(model, tx, schedule), abstract_shardings, sharding.batch_sharding(mesh),
+                        sharding.replicated(mesh))
+  compiled = step.lower(abstract, batch, jax.random.PRNGKey(42)).compile()
+  _, metrics = compiled(state, batch, jax.random.PRNGKey(42))
+  assert np.isfinite(float(metrics["loss"]))
 
 
 def test_microbatches_give_the_step_of_one_pass():

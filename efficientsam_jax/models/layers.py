@@ -27,24 +27,26 @@ def exact_gelu(x: jax.Array) -> jax.Array:
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
 
 
-def _on_cuda() -> bool:
-  """An NVIDIA GPU whose cuDNN has flash attention: compute capability 8.0 (Ampere) or later."""
-  device = jax.devices()[0]
+def _on_cuda(device: "jax.Device | None" = None) -> bool:
+  """``device`` (default: the first attached one) is an NVIDIA GPU whose cuDNN has flash attention: compute
+  capability 8.0 (Ampere) or later."""
+  device = jax.devices()[0] if device is None else device
   capability = str(getattr(device, "compute_capability", ""))  # "9.0" on an H100/H200; absent on CPU and TPU
   return device.platform == "gpu" and capability.replace(".", "", 1).isdigit() and float(capability) >= 8.0
 
 
-def resolve_attention(implementation: str, dtype: Dtype) -> str:
+def resolve_attention(implementation: str, dtype: Dtype, device: "jax.Device | None" = None) -> str:
   """"auto" → "cudnn" on NVIDIA GPUs in bf16/fp16 (SAMI ViT-S step 1.3× faster on an H200, BENCHMARKS.md),
-  else "xla"; "xla" and "cudnn" as they are."""
+  else "xla"; "xla" and "cudnn" as they are. ``device``: the one that will run it (default: the first attached)."""
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
   if implementation != "auto":
     return implementation
-  return "cudnn" if _on_cuda() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+  return "cudnn" if _on_cuda(device) and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla") -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla",
+              num_keys: "int | None" = None) -> jax.Array:
   """Softmax attention on [..., T, N, H] (tokens, heads, head dim) → [..., T, N, H].
 
   "xla": heads-first matmuls with the scale folded into q: on CPU this avoids
@@ -54,11 +56,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "x
   "cudnn": cuDNN's fused (flash) attention through ``jax.nn.dot_product_attention``,
   which reads this layout as it is (no head transposes); NVIDIA GPUs, bf16/fp16, [B, T, N, H].
   Its backward pass needs even token counts (jax 0.11 refuses e.g. SAMI's 49 visible tokens), so an
-  odd count is padded by one: a query row whose output is dropped, a key masked out by its length.
+  odd count is padded by one: a query row whose output is dropped, a key masked out by its length
+  (``Kernels.token_padding`` pads before the projections instead, where the pad costs nothing).
   "auto": one of the two by the backend and q's dtype (``resolve_attention``).
+  ``num_keys``: only the first ``num_keys`` keys count (the rest are padding).
   """
   if resolve_attention(implementation, q.dtype) == "cudnn":
-    return even_length_attention(q, k, v, implementation="cudnn")
+    return even_length_attention(q, k, v, implementation="cudnn", num_keys=num_keys)
+  if num_keys is not None:
+    k, v = k[..., :num_keys, :, :], v[..., :num_keys, :, :]
   q, k, v = (jnp.swapaxes(t, -3, -2) for t in (q, k, v))
   logits = jnp.matmul(q * (q.shape[-1] ** -0.5), jnp.swapaxes(k, -1, -2),
                       preferred_element_type=jnp.float32)
@@ -66,15 +72,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "x
   return jnp.swapaxes(out, -3, -2)
 
 
-def even_length_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str, **kwargs) -> jax.Array:
+def even_length_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str,
+                          num_keys: "int | None" = None, **kwargs) -> jax.Array:
   """``jax.nn.dot_product_attention`` (``kwargs`` passed on) on [B, T, N, H] with T and the key count padded to
-  even numbers (what cuDNN's backward pass needs; see ``attention``)."""
+  even numbers (what cuDNN's backward pass needs; see ``attention``); keys from ``num_keys`` on are masked."""
   queries, keys = q.shape[-3], k.shape[-3]
+  valid = keys if num_keys is None else num_keys
   pad = lambda x, extra: jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(0, extra), (0, 0), (0, 0)]) if extra else x
-  lengths = jnp.full(q.shape[:-3], keys, jnp.int32) if keys % 2 else None
+  lengths = jnp.full(q.shape[:-3], valid, jnp.int32) if keys % 2 or valid < keys else None
   out = jax.nn.dot_product_attention(pad(q, queries % 2), pad(k, keys % 2), pad(v, keys % 2),
                                      key_value_seq_lengths=lengths, implementation=implementation, **kwargs)
   return out[..., :queries, :, :]
+
+
+def pad_tokens(x: jax.Array, extra: int) -> jax.Array:
+  """x [..., T, C] with ``extra`` zero rows after its T tokens."""
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, extra), (0, 0)]) if extra else x
 
 
 # What a rematerialized block keeps for the backward pass (``remat``); the rest is recomputed there.
@@ -229,8 +242,17 @@ class Kernels:
       if getattr(self, field) not in allowed:
         raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
 
-  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    return attention(q, k, v, self.attention)
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, num_keys: "int | None" = None) -> jax.Array:
+    return attention(q, k, v, self.attention, num_keys)
+
+  def token_padding(self, tokens: int, dtype: Dtype) -> int:
+    """Rows a block adds to its ``tokens`` before the projections that feed attention: 1 for an odd count
+    with cuDNN's attention (which needs even counts), else 0. Padded there, the pad fuses into the LayerNorm
+    before the projections and the slice back into the residual add after them; inside ``attention`` each is
+    a copy of q, k, v or the output (H100 compile of the SAMI ViT-S step: 3.6 GB of 62 per step, BENCHMARKS.md).
+    The padded rows are keys that ``attend(..., num_keys=tokens)`` masks out and queries whose outputs the
+    block drops."""
+    return tokens % 2 if resolve_attention(self.attention, dtype) == "cudnn" else 0
 
   def norm(self, eps: float, name: str, dtype: Dtype) -> LayerNorm:
     return layer_norm(eps, name, dtype, one_pass=self.layer_norm == "one_pass", lean=self.backward == "lean")

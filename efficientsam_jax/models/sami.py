@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientsam_jax.common.config import JsonConfig
-from efficientsam_jax.models.layers import Kernels, per_example, remat
+from efficientsam_jax.models.layers import Kernels, pad_tokens, per_example, remat
 from efficientsam_jax.models.vit import VIT_SIZES, Block, ImageEncoderViT, Mlp
 
 Dtype = Any
@@ -98,26 +98,43 @@ def random_masking(rng: jax.Array, batch: int, num_tokens: int, num_visible: int
   return shuffle, restore, mask
 
 
+def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+  """``x[b, index[b, t]]`` for x [B, N, C] and index [B, T] (in range): [B, T, C].
+
+  One gather of rows of x seen as [B·N, C], the form of an embedding lookup. ``take_along_axis`` gives the same
+  values through a gather with a batch dimension, which XLA's GPU compiler lays out token-major and batch-minor
+  ([T, C, B]); that layout then follows the residual stream through every block, with a transpose at each
+  matmul (H100 compile of the SAMI ViT-S step: ~12 GB of transposes per step at batch 256, BENCHMARKS.md).
+  """
+  batch, tokens = x.shape[:2]
+  rows = index + tokens * jnp.arange(batch, dtype=index.dtype)[:, None]
+  return jnp.take(x.reshape(batch * tokens, *x.shape[2:]), rows, axis=0, mode="clip")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def take_permuted(x: jax.Array, order: jax.Array, inverse: jax.Array, start: int, stop: int) -> jax.Array:
-  """Tokens ``order[:, start:stop]`` of x [B, N, C]: ``x[b, order[b, start:stop]]``.
+  """Tokens ``order[:, start:stop]`` of x [B, N, C] (or of x [1, N, C] for every example): ``x[b, order[b,
+  start:stop]]``.
 
   ``order`` [B, N] is a permutation of the N tokens and ``inverse`` its inverse.
   Same value as ``take_along_axis``, but the gradient is a gather as well (the
   cotangent, zero-padded to N tokens in ``order``'s order, taken by ``inverse``)
   where ``take_along_axis``'s is a scatter-add that cannot know the indices are distinct.
   """
-  return jnp.take_along_axis(x, order[:, start:stop, None], axis=1)
+  if x.shape[0] == 1:  # one table for all: an embedding lookup
+    return jnp.take(x[0], order[:, start:stop], axis=0, mode="clip")
+  return take_rows(x, order[:, start:stop])
 
 
 def _take_permuted_fwd(x, order, inverse, start, stop):
-  return take_permuted(x, order, inverse, start, stop), (order, inverse)
+  return take_permuted(x, order, inverse, start, stop), (order, inverse, x.shape[0] == 1)
 
 
 def _take_permuted_bwd(start, stop, residuals, cotangent):
-  order, inverse = residuals
+  order, inverse, shared = residuals
   padded = jnp.pad(cotangent, ((0, 0), (start, order.shape[1] - stop), (0, 0)))
-  return jnp.take_along_axis(padded, inverse[:, :, None], axis=1), None, None
+  grad = take_rows(padded, inverse)
+  return (grad.sum(0, keepdims=True) if shared else grad), None, None
 
 
 take_permuted.defvjp(_take_permuted_fwd, _take_permuted_bwd)
@@ -137,11 +154,14 @@ class CrossAttentionBlock(nn.Module):
     split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, head)
     q_in = kern.norm(1e-6, "norm_q", self.dtype)(queries)
     kv_in = jnp.concatenate([kern.norm(1e-6, "norm_kv", self.dtype)(context), q_in], axis=1)
+    num_queries, num_keys = q_in.shape[1], kv_in.shape[1]
+    q_in = pad_tokens(q_in, kern.token_padding(num_queries, self.dtype))
+    kv_in = pad_tokens(kv_in, kern.token_padding(num_keys, self.dtype))
     q = nn.Dense(width, dtype=self.dtype, name="q")(q_in)
     k = nn.Dense(width, dtype=self.dtype, name="k")(kv_in)
     v = nn.Dense(width, dtype=self.dtype, name="v")(kv_in)
-    out = kern.attend(split(q), split(k), split(v)).reshape(queries.shape)
-    queries = queries + nn.Dense(width, dtype=self.dtype, name="proj")(out)
+    out = kern.attend(split(q), split(k), split(v), num_keys).reshape(q.shape)
+    queries = queries + nn.Dense(width, dtype=self.dtype, name="proj")(out)[:, :num_queries]
     return queries + Mlp(4 * width, dtype=self.dtype, kernels=kern, name="mlp")(
         kern.norm(1e-6, "norm2", self.dtype)(queries))
 
@@ -186,7 +206,7 @@ class SamiModel(nn.Module):
 
     visible = self.encoder.transform(take(x, 0, v))
     visible = self.decoder_embed(self.encoder_norm(visible))
-    pos = take(jnp.broadcast_to(self.decoder_pos_embed.astype(visible.dtype), (batch, n, c.decoder_dim)), 0, n)
+    pos = take(self.decoder_pos_embed.astype(visible.dtype), 0, n)
     masked = self.mask_token.astype(visible.dtype) + pos[:, v:]
 
     if c.decoder_type == "cross":

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efficientsam_jax.models.layers import Kernels, layer_norm, remat
+from efficientsam_jax.models.layers import Kernels, layer_norm, pad_tokens, remat
 from efficientsam_jax.models.resize import resize
 
 Dtype = Any
@@ -49,12 +49,12 @@ class Attention(nn.Module):
     *batch, tokens, width = x.shape
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
-    qkv = nn.Dense(3 * width, dtype=self.dtype, name="qkv")(x)
-    qkv = qkv.reshape(*batch, tokens, 3, self.num_heads, width // self.num_heads)
+    padded = tokens + self.kernels.token_padding(tokens, self.dtype)
+    qkv = nn.Dense(3 * width, dtype=self.dtype, name="qkv")(pad_tokens(x, padded - tokens))
+    qkv = qkv.reshape(*batch, padded, 3, self.num_heads, width // self.num_heads)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-    out = self.kernels.attend(q, k, v)
-    out = out.reshape(*batch, tokens, width)
-    return nn.Dense(width, dtype=self.dtype, name="proj")(out)
+    out = self.kernels.attend(q, k, v, num_keys=tokens).reshape(*batch, padded, width)
+    return nn.Dense(width, dtype=self.dtype, name="proj")(out)[..., :tokens, :]
 
 
 class Mlp(nn.Module):

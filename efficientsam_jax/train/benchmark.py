@@ -18,6 +18,11 @@ side by side (``layers.Kernels``, same parameters): sets separated by ``;``, eac
 ``key=value,...``, e.g.
 ``--kernels "default;layer_norm=one_pass,gelu=tanh;attention=cudnn,layer_norm=one_pass"``.
 
+``sami --gpu-spec h100``: compile the step for that GPU without one (jax's deviceless compile; needs
+jax's CUDA plugin) and print what its kernels move and compute (``hlo_kernels``): kernel count, GB, matmul
+TFLOP, the roofline time and its MFU, and the JAX operations whose kernels move the most bytes. Nothing
+runs, so no time is measured. On an attached GPU the ``sami`` rows carry the same figures.
+
 ``finetune``: the real jitted EfficientSAM finetuning step (encoder once,
 ``1 + correction_steps`` decoder rounds over ``--masks`` masks per image,
 SAM's losses, AdamW) at 1024² on random images and box-shaped masks:
@@ -57,6 +62,7 @@ import numpy as np
 from jax.ad_checkpoint import print_saved_residuals
 
 from efficientsam_jax.models.layers import REMAT_POLICIES, Kernels, remat_policy, resolve_attention
+from efficientsam_jax.train import hlo_kernels
 from efficientsam_jax.train.loop import compiled_memory_bytes
 from efficientsam_jax.train.finetune_config import get_finetune_config
 from efficientsam_jax.train.sami_config import get_sami_config
@@ -64,16 +70,20 @@ from efficientsam_jax.train.sami_config import get_sami_config
 # Dense bf16 matrix peak per chip (vendor datasheets), TFLOP/s, by a substring of device_kind.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0,
                "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0}
+# Memory bandwidth per chip (vendor datasheets), TB/s, for the kernels' roofline (``hlo_kernels``).
+PEAK_TBPS = {"H100": 3.35, "H100 PCIe": 2.0, "H200": 4.8, "A100": 2.04, "A100-SXM4-40GB": 1.56, "L4": 0.3}
 
 
-def peak_tflops(device: jax.Device, override: float = 0.0) -> Optional[float]:
+def peak_tflops(device: jax.Device, override: float = 0.0, table: Optional[dict] = None) -> Optional[float]:
+  """The device's entry in ``table`` (default ``PEAK_TFLOPS``) whose key is the longest part of its
+  device_kind; None on CPU or for an unknown chip."""
   if override:
     return override
   if device.platform == "cpu":
     return None
-  kind = device.device_kind
-  matches = [k for k in PEAK_TFLOPS if k in kind]
-  return PEAK_TFLOPS[max(matches, key=len)] if matches else None
+  table = PEAK_TFLOPS if table is None else table
+  matches = [k for k in table if k in device.device_kind]
+  return table[max(matches, key=len)] if matches else None
 
 
 def sami_train_flops_per_image(config) -> float:
@@ -268,11 +278,15 @@ def time_train_step(compiled, state, data, rng, args, name: str) -> float:
   return seconds
 
 
-def _describe(device: jax.Device) -> str:
-  """The devices, jax's version and the XLA compiler options in effect (``XLA_FLAGS``)."""
+def _describe(args) -> str:
+  """The devices (``--gpu-spec``: the GPU compiled for), jax's version and the XLA options in effect (``XLA_FLAGS``)."""
   flags = os.environ.get("XLA_FLAGS", "").strip()
-  return (f"{jax.device_count()} × {device.device_kind} ({device.platform}), jax {jax.__version__}"
-          + (f", XLA_FLAGS={flags}" if flags else ""))
+  if getattr(args, "gpu_spec", ""):
+    devices = (f"1 × {hlo_kernels.gpu_devices(args.gpu_spec)[0].device_kind} (described, not attached: compiled, "
+               f"not run; options {hlo_kernels.DEVICELESS_COMPILER_OPTIONS})")
+  else:
+    devices = f"{jax.device_count()} × {jax.devices()[0].device_kind} ({jax.devices()[0].platform})"
+  return f"{devices}, jax {jax.__version__}" + (f", XLA_FLAGS={flags}" if flags else "")
 
 
 def each_setting(settings: Sequence[dict], measure) -> list[dict]:
@@ -297,20 +311,23 @@ def _kernels_name(kernels: Kernels) -> str:
   return "_".join(str(value) for value in dataclasses.astuple(kernels))
 
 
-def _model_settings(args) -> list[dict]:
+def _model_settings(args, device: Optional[jax.Device] = None) -> list[dict]:
   """Every student / model size × kernel set × remat policy × microbatch count of ``sami`` and ``finetune``
-  (attention "auto" resolved, so each row names the kernel that ran)."""
-  kernels = [dataclasses.replace(k, attention=resolve_attention(k.attention, args.dtype)) for k in args.kernels]
+  (attention "auto" resolved for ``device``, default the first attached one, so each row names the kernel that ran)."""
+  kernels = [dataclasses.replace(k, attention=resolve_attention(k.attention, args.dtype, device))
+             for k in args.kernels]
   return [{"variant": v, "kernels": k, "remat": r, "microbatches": m}
           for v in args.variants for k in kernels for r in args.remat for m in args.microbatches]
 
 
 def bench_sami(args) -> list[dict]:
-  peak = peak_tflops(jax.devices()[0], args.peak_tflops)
-  return each_setting(_model_settings(args), functools.partial(_bench_sami_setting, args, peak=peak))
+  devices = hlo_kernels.gpu_devices(args.gpu_spec) if args.gpu_spec else jax.devices()
+  peak = peak_tflops(devices[0], args.peak_tflops)
+  return each_setting(_model_settings(args, devices[0]), functools.partial(_bench_sami_setting, args, devices,
+                                                                         peak=peak))
 
 
-def _bench_sami_setting(args, variant: str, kernels: Kernels, remat: str, microbatches: int,
+def _bench_sami_setting(args, devices: list, variant: str, kernels: Kernels, remat: str, microbatches: int,
                         peak: Optional[float]) -> dict:
   # pylint: disable=import-outside-toplevel
   from efficientsam_jax.models.sami import SamiConfig, SamiModel
@@ -318,40 +335,66 @@ def _bench_sami_setting(args, variant: str, kernels: Kernels, remat: str, microb
   from efficientsam_jax.train.optim import make_optimizer
   from efficientsam_jax.train.loop import jit_train_step
   from efficientsam_jax.train.sami import make_loss_fn, make_train_step
-  from efficientsam_jax.train.state import create_train_state
+  from efficientsam_jax.train.state import abstract_train_state, create_train_state
 
-  mesh = sharding.make_mesh({"data": -1, "fsdp": args.fsdp})
+  mesh = sharding.make_mesh({"data": -1, "fsdp": args.fsdp}, devices)
   config = SamiConfig.from_variant(variant)
-  batch = args.batch_per_device * jax.device_count()
+  batch = args.batch_per_device * mesh.size
   model = SamiModel(config, dtype=jnp.dtype(args.dtype), remat=remat, kernels=kernels)
   tx, schedule = make_optimizer({
       "optimizer": {"b1": 0.9, "b2": 0.95, "weight_decay": 0.05}, "global_batch_size": batch,
       "total_steps": 1000, "lr": {"base_lr": 1.5e-4, "warmup_steps": 10, "schedule": "cosine"}})
   side = config.img_size
   init = lambda rng: model.init(rng, jnp.zeros((1, side, side, 3)), rng)["params"]
-  state, shardings = create_train_state(init, tx, jax.random.PRNGKey(0), mesh)
-  step = jit_train_step(make_train_step(model, tx, schedule, microbatches=microbatches), shardings,
-                        sharding.batch_sharding(mesh), sharding.replicated(mesh))
-  data = {"images": jax.random.randint(jax.random.PRNGKey(1), (batch, side, side, 3), 0, 256).astype(jnp.uint8),
-          "targets": jax.random.normal(jax.random.PRNGKey(2), (batch, config.num_tokens, config.target_dim))}
-  data = jax.device_put(data, sharding.batch_sharding(mesh))
-  rng = jax.random.PRNGKey(3)
+  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  shapes = {"images": ((batch, side, side, 3), jnp.uint8),
+            "targets": ((batch, config.num_tokens, config.target_dim), jnp.float32)}
+  if args.gpu_spec:  # shapes only: nothing runs
+    state, shardings = abstract_train_state(init, tx, mesh)
+    data = {key: jax.ShapeDtypeStruct(*shape, sharding=batch_sharding) for key, shape in shapes.items()}
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+  else:
+    state, shardings = create_train_state(init, tx, jax.random.PRNGKey(0), mesh)
+    data = jax.device_put({
+        "images": jax.random.randint(jax.random.PRNGKey(1), shapes["images"][0], 0, 256).astype(jnp.uint8),
+        "targets": jax.random.normal(jax.random.PRNGKey(2), shapes["targets"][0])}, batch_sharding)
+    rng = jax.random.PRNGKey(3)
+  step = jit_train_step(make_train_step(model, tx, schedule, microbatches=microbatches), shardings, batch_sharding,
+                        replicated)
   start = time.perf_counter()
-  compiled = step.lower(state, data, rng).compile()
+  compiled = step.lower(state, data, rng).compile(
+      compiler_options=hlo_kernels.DEVICELESS_COMPILER_OPTIONS if args.gpu_spec else None)
   compile_s = time.perf_counter() - start
-  flops = sami_train_flops_per_image(config) * batch / jax.device_count()  # per device
+  flops = sami_train_flops_per_image(config) * batch / mesh.size  # per device
   loss = make_loss_fn(model)
-  kept = saved_residual_bytes(lambda params: loss(params, data, rng), state.params)  # w.r.t. the parameters
+  example = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), (data, rng)) if args.gpu_spec else (data, rng)
+  kept = saved_residual_bytes(lambda params: loss(params, *example), state.params)  # w.r.t. the parameters
   row = {"dtype": args.dtype, "batch": batch, "compile_s": round(compile_s, 1),
          "model_gflop_per_step": round(flops / 1e9, 1), "kept_mb_per_example": kept and round(kept / batch / 1e6, 1),
-         **_compiled_figures(compiled)}
-  if not args.compile_only:
+         **_compiled_figures(compiled), **_kernel_figures(compiled, devices[0], flops, peak)}
+  if not args.compile_only and not args.gpu_spec:
     name = f"sami_{variant}_{_kernels_name(kernels)}_{remat}_m{microbatches}"
     seconds = time_train_step(compiled, state, data, rng, args, name)
     row.update(ms_per_step=round(1e3 * seconds, 2), img_per_s=round(batch / seconds, 1))
     if peak:
       row["mfu"] = round(flops / seconds / (peak * 1e12), 4)
   return row
+
+
+def _kernel_figures(compiled, device: jax.Device, model_flops: float, peak: Optional[float]) -> dict:
+  """On a GPU (attached or described: ``--gpu-spec``), what the compiled step's kernels move and compute
+  (``hlo_kernels.summary``) and the MFU its roofline would give (model FLOPs / roofline time / peak)."""
+  bandwidth = peak_tflops(device, table=PEAK_TBPS)
+  if device.platform != "gpu" or not peak or not bandwidth:
+    return {}
+  program = hlo_kernels.kernels(compiled.as_text())
+  figures = hlo_kernels.summary(program, peak, bandwidth)
+  figures["roofline_mfu"] = round(model_flops / (figures["roofline_ms"] / 1e3) / (peak * 1e12), 4)
+  print("kernels moving the most bytes (kind, JAX operation, count, GB, TFLOP):")
+  for group in hlo_kernels.by_operation(program, top=12):
+    print(f"  {group['kind']:15} {group['operation'][:90]:90} ×{group['count']:<4} {group['gb']:7.2f} GB "
+          f"{group['tflop']:7.3f} TFLOP")
+  return figures
 
 
 def _compiled_figures(compiled) -> dict:
@@ -496,6 +539,8 @@ def _parse_args(argv):
   sami.add_argument("--microbatches", type=parse_ints, default=[1], help=MICROBATCHES_HELP)
   sami.add_argument("--peak-tflops", type=float, default=0.0, help="override the per-chip bf16 peak")
   sami.add_argument("--compile-only", action="store_true")
+  sami.add_argument("--gpu-spec", default="", choices=["", *hlo_kernels.GPU_TARGETS],
+                    help="compile for this GPU without one (needs jax's CUDA plugin) and print its kernels' figures")
   finetune = sub.add_parser("finetune", parents=[common])
   finetune.add_argument("--kernels", type=parse_kernels,
                         default=[Kernels(**get_finetune_config("ti").kernels.to_dict())],
@@ -528,12 +573,12 @@ def _parse_args(argv):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parse_args(argv)
-  print(f"devices: {_describe(jax.devices()[0])}", flush=True)
+  print(f"devices: {_describe(args)}", flush=True)
   rows = {"sami": bench_sami, "finetune": bench_finetune, "teacher": bench_teacher,
           "sami-input": bench_sami_input}[args.what](args)
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"devices": _describe(jax.devices()[0]), "what": args.what, "rows": rows}, f, indent=1)
+      json.dump({"devices": _describe(args), "what": args.what, "rows": rows}, f, indent=1)
   return 0
 
 

@@ -20,6 +20,14 @@ class TrainState:
   opt_state: Any
 
 
+def _initializer(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation):
+  def init(rng):
+    params = init_params(rng)
+    return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params))
+
+  return init
+
+
 def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
                        rng: jax.Array, mesh: Mesh) -> tuple[TrainState, Any]:
   """Initializes parameters and optimizer state directly in their shardings.
@@ -28,14 +36,18 @@ def create_train_state(init_params: Callable[[jax.Array], Any], tx: optax.Gradie
   initialization with ``out_shardings``, so no array is ever materialized whole
   on one device. Returns (state, state_shardings).
   """
+  init = _initializer(init_params, tx)
+  shardings = sharding.state_shardings(jax.eval_shape(init, rng), mesh)
+  return jax.jit(init, out_shardings=shardings)(rng), shardings
 
-  def init(rng):
-    params = init_params(rng)
-    return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params))
 
-  abstract = jax.eval_shape(init, rng)
+def abstract_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                         mesh: Mesh) -> tuple[TrainState, Any]:
+  """``create_train_state``'s (state, shardings) with the state as shapes in their shardings: nothing is
+  allocated (to compile a step for devices that are not attached, ``train.hlo_kernels``)."""
+  abstract = jax.eval_shape(_initializer(init_params, tx), jax.random.PRNGKey(0))
   shardings = sharding.state_shardings(abstract, mesh)
-  state = jax.jit(init, out_shardings=shardings)(rng)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return state, shardings
 
 

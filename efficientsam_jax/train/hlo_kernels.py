@@ -1,0 +1,303 @@
+"""What a compiled XLA program's kernels read, write and compute, from its optimized HLO; and GPU compiles
+without a GPU.
+
+``kernels(compiled.as_text())`` lists the device kernels of the entry computation (fusions, cuBLAS/cuDNN
+custom calls, copies, collectives; ``while`` bodies times their known trip count, the computations of
+``call``s such as command buffers; a ``conditional`` counts as one kernel), each with the bytes of
+its operands and results as whole arrays (an upper bound for a fusion that reads part of an operand; a
+cuBLAS call's workspace result left out) and its matmul FLOPs (2·m·n·k of each dot, in a fusion too;
+cuDNN attention: its q·kᵀ and p·v products, forward 4·B·N·T·S·H, backward 2.5 times that with the
+recomputed logits). ``roofline_seconds`` sums each kernel's floor, the larger of its bytes over the memory
+bandwidth and its FLOPs over the matmul peak: the time the program would take if every kernel ran at the
+chip's limit, a floor that real kernels (launch gaps, small grids, transposes) stay above.
+
+``gpu_devices("h100")`` are the devices of a GPU that is not there (jax's deviceless compile: it needs
+``pip install "jax[cuda12]==<jax's version>"``, no driver or GPU), so a train step can be compiled for an
+H100 on any machine and its kernels read: how XLA fuses, lays out and launches the step on the GPU
+(``python -m efficientsam_jax.train.benchmark sami --gpu-spec h100``, BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Iterable, Optional
+
+# Bytes per element of the HLO element types that occur in these programs.
+ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                 "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5,
+                 "u4": 0.5, "token": 0}
+# Instructions that launch nothing: views, tuples, parameters and constants (a large constant is a buffer).
+NOT_KERNELS = {"parameter", "get-tuple-element", "bitcast", "constant", "tuple", "opt-barrier", "after-all",
+               "partition-id", "replica-id", "add-dependency", "domain"}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+# A GPU that is not attached, for ``gpu_devices``: the device description XLA's GPU compiler reads (its
+# GpuTargetConfig text format; NVIDIA's published H100 SXM5 figures: 132 SMs, 3.35 TB/s HBM3, 50 MiB L2).
+GPU_TARGETS = {
+    "h100": """gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84942979072
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+""",
+}
+# The deviceless compile cannot time candidate kernels: XLA's autotuner is off, and so are Triton GEMM fusions
+# (whose tile search fails without it); every matmul is then a cuBLAS call (on an H200 the step's time with
+# and without Triton GEMMs was the same, BENCHMARKS.md).
+DEVICELESS_COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False}
+
+
+def gpu_devices(target: str = "h100", count: int = 1) -> list:
+  """``count`` devices of the GPU ``target`` (a key of ``GPU_TARGETS``) for ``jit(...).lower(...).compile(
+  compiler_options=DEVICELESS_COMPILER_OPTIONS)`` without that GPU; needs jax's CUDA plugin installed."""
+  if target not in GPU_TARGETS:
+    raise ValueError(f"GPU target must be one of {sorted(GPU_TARGETS)}, got {target!r}")
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  try:
+    topology = topologies.get_topology_desc(target, "cuda", target_config=GPU_TARGETS[target],
+                                            topology=f"1x1x{count}")
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuntimeError(f"cannot describe a {target} without jax's CUDA plugin: pip install \"jax[cuda12]==<the "
+                       f"installed jax's version>\" (no GPU or driver needed); the error was: {e}") from e
+  return list(topology.devices)
+
+
+@dataclasses.dataclass
+class Instruction:
+  name: str
+  shape: str  # the result's shape text, a tuple's included
+  opcode: str
+  operands: list[str]
+  attributes: str
+
+
+@dataclasses.dataclass
+class Kernel:
+  name: str
+  kind: str  # "gemm", "attention", "convolution", "fusion:kLoop" / kInput / kCustom / kOutput, "copy", ...
+  read: int  # bytes of the operands
+  written: int  # bytes of the results
+  flops: float  # matmul FLOPs
+  source: str  # the JAX operation that made it (HLO metadata op_name), "" if none
+
+  @property
+  def bytes(self) -> int:
+    return self.read + self.written
+
+
+def _closing(text: str, start: int) -> int:
+  """Index of the bracket that closes the one at ``text[start]``."""
+  depth = 0
+  for i in range(start, len(text)):
+    if text[i] in "([{":
+      depth += 1
+    elif text[i] in ")]}":
+      depth -= 1
+      if depth == 0:
+        return i
+  raise ValueError(f"unbalanced HLO text: {text[start:start + 80]!r}")
+
+
+INSTRUCTION = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+
+
+def parse_hlo(text: str) -> tuple[dict[str, list[Instruction]], str]:
+  """The computations of an HLO module's text (name → instructions) and the entry computation's name."""
+  computations: dict[str, list[Instruction]] = {}
+  entry, current = "", None
+  for line in text.splitlines():
+    if not line.startswith((" ", "\t")):
+      header = COMPUTATION.match(line)
+      if header and not line.startswith("HloModule"):
+        current = computations.setdefault(header.group(2), [])
+        entry = header.group(2) if header.group(1) else entry
+      elif line.startswith("}"):
+        current = None
+      continue
+    found = INSTRUCTION.match(line) if current is not None else None
+    if not found:
+      continue
+    rest = found.group(2)
+    if rest.startswith("("):  # a tuple shape
+      end = _closing(rest, 0)
+      shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
+    else:
+      shape, _, rest = rest.partition(" ")
+    opcode = rest.split("(", 1)[0].strip()
+    open_at = rest.index("(") if "(" in rest else len(rest)
+    close_at = _closing(rest, open_at) if open_at < len(rest) else open_at
+    operands = re.findall(r"%([\w.\-]+)", rest[open_at:close_at + 1])
+    current.append(Instruction(found.group(1), shape, opcode, operands, rest[close_at + 1:]))
+  if not entry:
+    raise ValueError("no ENTRY computation in the HLO text")
+  return computations, entry
+
+
+ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]")
+
+
+def arrays(shape: str) -> list[tuple[str, list[int]]]:
+  """(element type, dims) of each array in a shape text (a tuple's elements in order)."""
+  return [(dtype, [int(d) for d in dims.split(",") if d]) for dtype, dims in ARRAY.findall(shape)
+          if dtype in ELEMENT_BYTES]
+
+
+def nbytes(shape: str) -> int:
+  return int(sum(ELEMENT_BYTES[dtype] * math.prod(dims) for dtype, dims in arrays(shape)))
+
+
+def _dims(attributes: str, key: str) -> list[int]:
+  """``lhs_contracting_dims={1,2}`` (HLO) or ``"lhs_contracting_dimensions":["1"]`` (a cuBLAS backend_config)."""
+  found = (re.search(key + r"_dims=\{([\d,]*)\}", attributes)
+           or re.search('"' + key + r'_dimensions":\[([\d",]*)\]', attributes))
+  return [int(d) for d in re.findall(r"\d+", found.group(1))] if found else []
+
+
+def _dot_flops(instruction: Instruction, shapes: dict[str, str]) -> float:
+  """2 · (result elements) · (contracted size) of a dot or cuBLAS GEMM."""
+  lhs = arrays(shapes.get(instruction.operands[0], ""))
+  result = arrays(instruction.shape)
+  if not lhs or not result:
+    return 0.0
+  contracted = math.prod(lhs[0][1][d] for d in _dims(instruction.attributes, "lhs_contracting"))
+  return 2.0 * math.prod(result[0][1]) * contracted
+
+
+def _attention_flops(instruction: Instruction, shapes: dict[str, str], target: str) -> float:
+  """cuDNN attention on [B, T, N, H] q and [B, S, N, H] k: q·kᵀ and p·v (4·B·N·T·S·H), backward 2.5×."""
+  q, k = (arrays(shapes.get(name, "")) for name in instruction.operands[:2])
+  if not q or not k or len(q[0][1]) != 4:
+    return 0.0
+  (b, t, n, h), s = q[0][1], k[0][1][1]
+  return 4.0 * b * n * t * s * h * (2.5 if "backward" in target.lower() else 1.0)
+
+
+def _flops(instruction: Instruction, computations, shapes: dict[str, str]) -> float:
+  if instruction.opcode == "dot":
+    return _dot_flops(instruction, shapes)
+  if instruction.opcode == "custom-call":
+    target = _target(instruction)
+    if "gemm" in target or "matmul" in target:
+      return _dot_flops(instruction, shapes)
+    if "fmha" in target:
+      return _attention_flops(instruction, shapes, target)
+    return 0.0
+  called = re.search(r"calls=%?([\w.\-]+)", instruction.attributes)
+  if instruction.opcode == "fusion" and called and called.group(1) in computations:
+    inner = computations[called.group(1)]
+    inner_shapes = {i.name: i.shape for i in inner}
+    return sum(_flops(i, computations, inner_shapes) for i in inner)
+  return 0.0
+
+
+def _target(instruction: Instruction) -> str:
+  found = re.search(r'custom_call_target="([^"]+)"', instruction.attributes)
+  return found.group(1) if found else ""
+
+
+def _kind(instruction: Instruction) -> str:
+  target = _target(instruction)
+  if instruction.opcode == "dot" or "gemm" in target or "matmul" in target:
+    return "gemm"
+  if "fmha" in target:
+    return "attention"
+  if instruction.opcode == "convolution" or "conv" in target.lower():
+    return "convolution"
+  if instruction.opcode == "fusion":
+    found = re.search(r"kind=(k\w+)", instruction.attributes)
+    return "fusion:" + (found.group(1) if found else "?")
+  if instruction.opcode.startswith(COLLECTIVES):
+    return "collective"
+  return instruction.opcode
+
+
+def _written(instruction: Instruction) -> int:
+  """Bytes of the results; a cuBLAS call's scratch workspace (a 1-D s8 tuple element) left out."""
+  results = arrays(instruction.shape)
+  if instruction.opcode == "custom-call" and instruction.shape.startswith("("):
+    results = [(dtype, dims) for dtype, dims in results if not (dtype == "s8" and len(dims) == 1)]
+  return int(sum(ELEMENT_BYTES[dtype] * math.prod(dims) for dtype, dims in results))
+
+
+def _trip_count(instruction: Instruction) -> int:
+  found = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', instruction.attributes)
+  return int(found.group(1)) if found else 1
+
+
+def kernels(hlo_text: str) -> list[Kernel]:
+  """The kernels of an optimized HLO module (``compiled.as_text()``), in program order (see the module doc)."""
+  computations, entry = parse_hlo(hlo_text)
+  shapes: dict[str, str] = {}
+  for instructions in computations.values():
+    shapes.update((i.name, i.shape) for i in instructions)
+
+  def walk(name: str, repeat: int) -> Iterable[Kernel]:
+    for instruction in computations[name]:
+      if instruction.opcode in NOT_KERNELS or instruction.opcode.endswith("-done"):
+        continue
+      if instruction.opcode in ("while", "call", "async-start"):
+        for key in ("body", "to_apply", "calls"):
+          for called in re.findall(key + r"=%?([\w.\-]+)", instruction.attributes):
+            if called in computations:
+              yield from walk(called, repeat * (_trip_count(instruction) if key == "body" else 1))
+        continue
+      source = re.search(r'op_name="([^"]*)"', instruction.attributes)
+      read = sum(nbytes(shapes.get(o, "")) for o in instruction.operands)
+      kernel = Kernel(instruction.name, _kind(instruction), read, _written(instruction),
+                      _flops(instruction, computations, shapes), source.group(1) if source else "")
+      for _ in range(repeat):
+        yield kernel
+
+  return list(walk(entry, 1))
+
+
+def roofline_seconds(program: Iterable[Kernel], peak_flops: float, bandwidth: float) -> float:
+  """Σ over kernels of max(bytes / bandwidth, FLOPs / peak): the program's time if each kernel ran at the limit."""
+  return sum(max(k.bytes / bandwidth, k.flops / peak_flops) for k in program)
+
+
+def by_operation(program: Iterable[Kernel], top: Optional[int] = None) -> list[dict]:
+  """Kernels grouped by kind and JAX operation, block numbers folded (``decoder_blocks_3`` → ``decoder_blocks_N``):
+  count, GB and TFLOP per group, the most bytes first."""
+  groups: dict[tuple[str, str], list[float]] = {}
+  for k in program:
+    source = re.sub(r"_\d+(?=/|$)", "_N", re.sub(r"^jit\([^)]*\)/", "", k.source))
+    group = groups.setdefault((k.kind, source), [0, 0.0, 0.0])
+    group[0] += 1
+    group[1] += k.bytes
+    group[2] += k.flops
+  rows = [{"kind": kind, "operation": source, "count": int(n), "gb": round(b / 1e9, 3), "tflop": round(f / 1e12, 3)}
+          for (kind, source), (n, b, f) in sorted(groups.items(), key=lambda kv: -kv[1][1])]
+  return rows[:top] if top else rows
+
+
+def summary(program: list[Kernel], peak_tflops: float, bandwidth_tbps: float) -> dict:
+  """Figures of a program for a benchmark row: kernel count, GB moved, matmul TFLOP, roofline ms, GB by kind."""
+  kinds: dict[str, float] = {}
+  for k in program:
+    kinds[k.kind] = kinds.get(k.kind, 0.0) + k.bytes
+  return {"kernel_count": len(program), "kernel_gb": round(sum(k.bytes for k in program) / 1e9, 2),
+          "kernel_tflop": round(sum(k.flops for k in program) / 1e12, 3),
+          "roofline_ms": round(1e3 * roofline_seconds(program, peak_tflops * 1e12, bandwidth_tbps * 1e12), 2),
+          "gb_by_kind": {kind: round(b / 1e9, 2) for kind, b in sorted(kinds.items(), key=lambda kv: -kv[1])}}

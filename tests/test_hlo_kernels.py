@@ -1,0 +1,99 @@
+"""hlo_kernels: the kernels of an optimized HLO module, their bytes and FLOPs, and the roofline."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from efficientsam_jax.train import hlo_kernels
+
+# A GPU module in the form XLA's GPU compiler prints (a cuBLASLt GEMM with its workspace, a fusion, cuDNN's
+# attention, a loop of 3 trips): every figure below is counted by hand.
+GPU_MODULE = """HloModule jit_step, entry_computation_layout={(bf16[64,32]{1,0})->bf16[64,16]{1,0}}
+
+%fused_gelu (param_0.1: bf16[64,16]) -> bf16[64,16] {
+  %param_0.1 = bf16[64,16]{1,0} parameter(0)
+  ROOT %tanh.1 = bf16[64,16]{1,0} tanh(%param_0.1)
+}
+
+%fused_matmul (p.0: f32[8,4], p.1: f32[4,2]) -> f32[8,2] {
+  %p.0 = f32[8,4]{1,0} parameter(0)
+  %p.1 = f32[4,2]{1,0} parameter(1)
+  ROOT %dot.3 = f32[8,2]{1,0} dot(%p.0, %p.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (loop.1: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
+  %loop.1 = (s32[], f32[8,4]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%loop.1), index=0
+  %x = f32[8,4]{1,0} get-tuple-element(%loop.1), index=1
+  %w = f32[4,2]{1,0} constant({...})
+  %mm = f32[8,2]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_matmul
+  ROOT %t = (s32[], f32[8,4]{1,0}) tuple(%i, %x)
+}
+
+%cond (loop.2: (s32[], f32[8,4])) -> pred[] {
+  %loop.2 = (s32[], f32[8,4]{1,0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main.1 (a.1: bf16[64,32], w.1: bf16[32,16], q.1: bf16[2,6,4,8], k.1: bf16[2,10,4,8], init: (s32[], f32[8,4])) -> bf16[64,16] {
+  %a.1 = bf16[64,32]{1,0} parameter(0), metadata={op_name="a"}
+  %w.1 = bf16[32,16]{1,0} parameter(1)
+  %q.1 = bf16[2,6,4,8]{3,2,1,0} parameter(2)
+  %k.1 = bf16[2,10,4,8]{3,2,1,0} parameter(3)
+  %init = (s32[], f32[8,4]{1,0}) parameter(4)
+  %gemm = (bf16[64,16]{1,0}, s8[4194304]{0}) custom-call(%a.1, %w.1), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/blocks_3/fc1/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"epilogue":"DEFAULT"}}
+  %out.0 = bf16[64,16]{1,0} get-tuple-element(%gemm), index=0
+  %view = bf16[64,16]{1,0} bitcast(%out.0)
+  %fmha = (bf16[2,4,6,8]{3,1,2,0}, f32[2,4,6]{2,1,0}, u8[0]{0}) custom-call(%q.1, %k.1, %k.1), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/blocks_7/dot_product_attention_fwd"}
+  %loop = (s32[], f32[8,4]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %gelu = bf16[64,16]{1,0} fusion(%view), kind=kLoop, calls=%fused_gelu, metadata={op_name="jit(step)/blocks_3/mlp/tanh"}
+}
+"""
+
+
+def test_kernels_of_a_gpu_module_counted_by_hand():
+  program = hlo_kernels.kernels(GPU_MODULE)
+  assert [(k.name, k.kind) for k in program] == [
+      ("gemm", "gemm"), ("fmha", "attention"), ("mm", "fusion:kCustom"), ("mm", "fusion:kCustom"),
+      ("mm", "fusion:kCustom"), ("gelu", "fusion:kLoop")]
+  gemm, fmha, loop_matmul, _, _, gelu = program
+  # GEMM: reads a and w, writes its result (the 4 MiB workspace is scratch, not traffic); 2·64·16·32 FLOPs.
+  assert (gemm.read, gemm.written, gemm.flops) == (64 * 32 * 2 + 32 * 16 * 2, 64 * 16 * 2, 2 * 64 * 16 * 32)
+  assert gemm.source == "jit(step)/blocks_3/fc1/dot_general"
+  # Attention B=2, T=6, S=10, N=4, H=8: 4·B·N·T·S·H; reads q, k, v; writes the output and the fp32 statistics.
+  assert fmha.flops == 4 * 2 * 4 * 6 * 10 * 8
+  assert (fmha.read, fmha.written) == (2 * 6 * 4 * 8 * 2 + 2 * (2 * 10 * 4 * 8 * 2), 2 * 4 * 6 * 8 * 2 + 2 * 4 * 6 * 4)
+  # The loop body's fusion, once per trip: a dot inside a fusion is counted (2·8·2·4).
+  assert (loop_matmul.read, loop_matmul.written, loop_matmul.flops) == (8 * 4 * 4 + 4 * 2 * 4, 8 * 2 * 4, 2 * 8 * 2 * 4)
+  # The fusion reads through the bitcast (a view): the GEMM's result.
+  assert (gelu.read, gelu.written, gelu.flops) == (64 * 16 * 2, 64 * 16 * 2, 0)
+  assert gelu.bytes == gelu.read + gelu.written
+
+  peak, bandwidth = 1e12, 1e9  # 1 TFLOP/s, 1 GB/s: every kernel here is memory-bound
+  assert hlo_kernels.roofline_seconds(program, peak, bandwidth) == pytest.approx(
+      sum(k.bytes for k in program) / bandwidth)
+  assert hlo_kernels.roofline_seconds(program, 1.0, 1e18) == pytest.approx(sum(k.flops for k in program))
+  summary = hlo_kernels.summary(program, peak_tflops=1.0, bandwidth_tbps=1e-3)
+  assert summary["kernel_count"] == 6 and summary["kernel_tflop"] == round(sum(k.flops for k in program) / 1e12, 3)
+  assert list(summary["gb_by_kind"]) == ["gemm", "attention", "fusion:kLoop", "fusion:kCustom"]  # most bytes first
+  groups = hlo_kernels.by_operation(program)
+  # block numbers folded, the jit prefix dropped; three loop trips of the same fusion in one group
+  assert {(g["operation"], g["count"]) for g in groups} == {
+      ("blocks_N/fc1/dot_general", 1), ("blocks_N/dot_product_attention_fwd", 1), ("", 3), ("blocks_N/mlp/tanh", 1)}
+
+
+def test_kernels_of_a_cpu_compile_count_the_matmul():
+  """A real compiled module (this CPU's): the matmul's FLOPs exactly, and results written at least once."""
+  f = jax.jit(lambda x, w: jnp.tanh(x @ w) * 2.0)
+  x, w = jnp.ones((64, 128)), jnp.ones((128, 32))
+  program = hlo_kernels.kernels(f.lower(x, w).compile().as_text())
+  assert sum(k.flops for k in program) == 2 * 64 * 32 * 128
+  assert sum(k.written for k in program) >= 64 * 32 * 4
+  assert max(k.read for k in program) >= (64 * 128 + 128 * 32) * 4  # the kernel with the dot reads both inputs
+
+
+def test_unknown_gpu_target_and_bad_text_are_refused():
+  with pytest.raises(ValueError, match="must be one of"):
+    hlo_kernels.gpu_devices("a100")
+  with pytest.raises(ValueError, match="no ENTRY"):
+    hlo_kernels.kernels("HloModule empty\n")
