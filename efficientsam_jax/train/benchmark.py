@@ -18,10 +18,10 @@ side by side (``layers.Kernels``, same parameters): sets separated by ``;``, eac
 ``key=value,...``, e.g.
 ``--kernels "default;layer_norm=one_pass,gelu=tanh;attention=cudnn,layer_norm=one_pass"``.
 
-``sami --gpu-spec h100``: compile the step for that GPU without one (jax's deviceless compile; needs
-jax's CUDA plugin) and print what its kernels move and compute (``hlo_kernels``): kernel count, GB, matmul
-TFLOP, the roofline time and its MFU, and the JAX operations whose kernels move the most bytes. Nothing
-runs, so no time is measured. On an attached GPU the ``sami`` rows carry the same figures.
+``sami|finetune --gpu-spec h100``: compile the step for that GPU without one (jax's deviceless compile;
+needs jax's CUDA plugin) and print what its kernels move and compute (``hlo_kernels``): kernel count, GB,
+matmul TFLOP, the roofline time (and for SAMI its MFU), and the JAX operations whose kernels move the most
+bytes. Nothing runs, so no time is measured. On an attached GPU the rows carry the same figures.
 
 ``finetune``: the real jitted EfficientSAM finetuning step (encoder once,
 ``1 + correction_steps`` decoder rounds over ``--masks`` masks per image,
@@ -127,6 +127,7 @@ REMAT_HELP = f"','-separated remat policies to compare: none, {', '.join(REMAT_P
 
 
 MICROBATCHES_HELP = "gradient accumulation: the batch in this many parts, one after the other (e.g. 1,2)"
+GPU_SPEC_HELP = "compile for this GPU without one (needs jax's CUDA plugin), print its kernels' figures, run nothing"
 
 
 def parse_ints(text: str) -> list[int]:
@@ -281,11 +282,10 @@ def time_train_step(compiled, state, data, rng, args, name: str) -> float:
 def _describe(args) -> str:
   """The devices (``--gpu-spec``: the GPU compiled for), jax's version and the XLA options in effect (``XLA_FLAGS``)."""
   flags = os.environ.get("XLA_FLAGS", "").strip()
-  if getattr(args, "gpu_spec", ""):
-    devices = (f"1 × {hlo_kernels.gpu_devices(args.gpu_spec)[0].device_kind} (described, not attached: compiled, "
-               f"not run; options {hlo_kernels.DEVICELESS_COMPILER_OPTIONS})")
-  else:
-    devices = f"{jax.device_count()} × {jax.devices()[0].device_kind} ({jax.devices()[0].platform})"
+  device, described = _devices(args)[0], bool(getattr(args, "gpu_spec", ""))
+  devices = (f"1 × {device.device_kind} (described, not attached: compiled, not run; options "
+             f"{hlo_kernels.DEVICELESS_COMPILER_OPTIONS})" if described
+             else f"{jax.device_count()} × {device.device_kind} ({device.platform})")
   return f"{devices}, jax {jax.__version__}" + (f", XLA_FLAGS={flags}" if flags else "")
 
 
@@ -320,8 +320,13 @@ def _model_settings(args, device: Optional[jax.Device] = None) -> list[dict]:
           for v in args.variants for k in kernels for r in args.remat for m in args.microbatches]
 
 
+def _devices(args) -> list:
+  """The attached devices, or with ``--gpu-spec`` one of the described GPU (``hlo_kernels.gpu_devices``)."""
+  return hlo_kernels.gpu_devices(args.gpu_spec) if getattr(args, "gpu_spec", "") else jax.devices()
+
+
 def bench_sami(args) -> list[dict]:
-  devices = hlo_kernels.gpu_devices(args.gpu_spec) if args.gpu_spec else jax.devices()
+  devices = _devices(args)
   peak = peak_tflops(devices[0], args.peak_tflops)
   return each_setting(_model_settings(args, devices[0]), functools.partial(_bench_sami_setting, args, devices,
                                                                          peak=peak))
@@ -333,9 +338,7 @@ def _bench_sami_setting(args, devices: list, variant: str, kernels: Kernels, rem
   from efficientsam_jax.models.sami import SamiConfig, SamiModel
   from efficientsam_jax.train import sharding
   from efficientsam_jax.train.optim import make_optimizer
-  from efficientsam_jax.train.loop import jit_train_step
   from efficientsam_jax.train.sami import make_loss_fn, make_train_step
-  from efficientsam_jax.train.state import abstract_train_state, create_train_state
 
   mesh = sharding.make_mesh({"data": -1, "fsdp": args.fsdp}, devices)
   config = SamiConfig.from_variant(variant)
@@ -346,29 +349,15 @@ def _bench_sami_setting(args, devices: list, variant: str, kernels: Kernels, rem
       "total_steps": 1000, "lr": {"base_lr": 1.5e-4, "warmup_steps": 10, "schedule": "cosine"}})
   side = config.img_size
   init = lambda rng: model.init(rng, jnp.zeros((1, side, side, 3)), rng)["params"]
-  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  shapes = {"images": ((batch, side, side, 3), jnp.uint8),
-            "targets": ((batch, config.num_tokens, config.target_dim), jnp.float32)}
-  if args.gpu_spec:  # shapes only: nothing runs
-    state, shardings = abstract_train_state(init, tx, mesh)
-    data = {key: jax.ShapeDtypeStruct(*shape, sharding=batch_sharding) for key, shape in shapes.items()}
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
-  else:
-    state, shardings = create_train_state(init, tx, jax.random.PRNGKey(0), mesh)
-    data = jax.device_put({
-        "images": jax.random.randint(jax.random.PRNGKey(1), shapes["images"][0], 0, 256).astype(jnp.uint8),
-        "targets": jax.random.normal(jax.random.PRNGKey(2), shapes["targets"][0])}, batch_sharding)
-    rng = jax.random.PRNGKey(3)
-  step = jit_train_step(make_train_step(model, tx, schedule, microbatches=microbatches), shardings, batch_sharding,
-                        replicated)
-  start = time.perf_counter()
-  compiled = step.lower(state, data, rng).compile(
-      compiler_options=hlo_kernels.DEVICELESS_COMPILER_OPTIONS if args.gpu_spec else None)
-  compile_s = time.perf_counter() - start
+  make_data = lambda: {
+      "images": jax.random.randint(jax.random.PRNGKey(1), (batch, side, side, 3), 0, 256).astype(jnp.uint8),
+      "targets": jax.random.normal(jax.random.PRNGKey(2), (batch, config.num_tokens, config.target_dim))}
+  state, shardings, data, rng = _step_inputs(args, mesh, init, tx, make_data)
+  compiled, compile_s = _compile(args, make_train_step(model, tx, schedule, microbatches=microbatches), mesh,
+                                 shardings, state, data, rng)
   flops = sami_train_flops_per_image(config) * batch / mesh.size  # per device
   loss = make_loss_fn(model)
-  example = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), (data, rng)) if args.gpu_spec else (data, rng)
-  kept = saved_residual_bytes(lambda params: loss(params, *example), state.params)  # w.r.t. the parameters
+  kept = saved_residual_bytes(lambda params: loss(params, *_traceable(data, rng)), state.params)  # w.r.t. params
   row = {"dtype": args.dtype, "batch": batch, "compile_s": round(compile_s, 1),
          "model_gflop_per_step": round(flops / 1e9, 1), "kept_mb_per_example": kept and round(kept / batch / 1e6, 1),
          **_compiled_figures(compiled), **_kernel_figures(compiled, devices[0], flops, peak)}
@@ -381,18 +370,54 @@ def _bench_sami_setting(args, devices: list, variant: str, kernels: Kernels, rem
   return row
 
 
-def _kernel_figures(compiled, device: jax.Device, model_flops: float, peak: Optional[float]) -> dict:
+def _step_inputs(args, mesh, init_params: Callable, tx, make_data: Callable) -> tuple:
+  """(state, shardings, batch, rng) of a train step on ``mesh``: real arrays, or with ``--gpu-spec`` (devices that
+  are not attached) their shapes in their shardings, nothing allocated."""
+  # pylint: disable=import-outside-toplevel
+  from efficientsam_jax.train import sharding
+  from efficientsam_jax.train.state import abstract_train_state, create_train_state
+  batch_sharding = sharding.batch_sharding(mesh)
+  if args.gpu_spec:
+    state, shardings = abstract_train_state(init_params, tx, mesh)
+    data = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
+                        jax.eval_shape(make_data))
+    return state, shardings, data, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
+  state, shardings = create_train_state(init_params, tx, jax.random.PRNGKey(0), mesh)
+  return state, shardings, jax.device_put(make_data(), batch_sharding), jax.random.PRNGKey(3)
+
+
+def _compile(args, step_fn: Callable, mesh, shardings, state, data, rng) -> tuple:
+  """The jitted step (``loop.jit_train_step``) compiled for these inputs (``--gpu-spec``: for the described GPU,
+  ``hlo_kernels.DEVICELESS_COMPILER_OPTIONS``) → (compiled, seconds it took)."""
+  # pylint: disable=import-outside-toplevel
+  from efficientsam_jax.train import sharding
+  from efficientsam_jax.train.loop import jit_train_step
+  step = jit_train_step(step_fn, shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh))
+  start = time.perf_counter()
+  compiled = step.lower(state, data, rng).compile(
+      compiler_options=hlo_kernels.DEVICELESS_COMPILER_OPTIONS if args.gpu_spec else None)
+  return compiled, time.perf_counter() - start
+
+
+def _traceable(*tree):
+  """``tree`` with shapes-only leaves (``--gpu-spec``) as zeros on the host: values to trace a loss with."""
+  return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, tree)
+
+
+def _kernel_figures(compiled, device: jax.Device, model_flops: Optional[float], peak: Optional[float]) -> dict:
   """On a GPU (attached or described: ``--gpu-spec``), what the compiled step's kernels move and compute
-  (``hlo_kernels.summary``) and the MFU its roofline would give (model FLOPs / roofline time / peak)."""
+  (``hlo_kernels.summary``) and, given the model FLOPs, the MFU its roofline would give (FLOPs / roofline / peak)."""
   bandwidth = peak_tflops(device, table=PEAK_TBPS)
   if device.platform != "gpu" or not peak or not bandwidth:
     return {}
   program = hlo_kernels.kernels(compiled.as_text())
   figures = hlo_kernels.summary(program, peak, bandwidth)
-  figures["roofline_mfu"] = round(model_flops / (figures["roofline_ms"] / 1e3) / (peak * 1e12), 4)
+  if model_flops:
+    figures["roofline_mfu"] = round(model_flops / (figures["roofline_ms"] / 1e3) / (peak * 1e12), 4)
   print("kernels moving the most bytes (kind, JAX operation, count, GB, TFLOP):")
   for group in hlo_kernels.by_operation(program, top=12):
-    print(f"  {group['kind']:15} {group['operation'][:90]:90} ×{group['count']:<4} {group['gb']:7.2f} GB "
+    operation = group["operation"] if len(group["operation"]) <= 90 else "…" + group["operation"][-89:]
+    print(f"  {group['kind']:15} {operation:90} ×{group['count']:<4} {group['gb']:7.2f} GB "
           f"{group['tflop']:7.3f} TFLOP")
   return figures
 
@@ -407,51 +432,48 @@ def _compiled_figures(compiled) -> dict:
 
 
 def bench_finetune(args) -> list[dict]:
-  return each_setting(_model_settings(args), functools.partial(_bench_finetune_setting, args))
+  devices = _devices(args)
+  return each_setting(_model_settings(args, devices[0]), functools.partial(_bench_finetune_setting, args, devices))
 
 
-def _bench_finetune_setting(args, variant: str, kernels: Kernels, remat: str, microbatches: int) -> dict:
+def _bench_finetune_setting(args, devices: list, variant: str, kernels: Kernels, remat: str,
+                            microbatches: int) -> dict:
   # pylint: disable=import-outside-toplevel
   from efficientsam_jax.models.efficient_sam import EfficientSam, EfficientSamConfig, init_params
   from efficientsam_jax.train import sharding
   from efficientsam_jax.train.finetune import make_loss_fn, make_train_step
   from efficientsam_jax.train.finetune_config import get_finetune_config
-  from efficientsam_jax.train.loop import jit_train_step
   from efficientsam_jax.train.optim import make_optimizer
-  from efficientsam_jax.train.state import create_train_state
 
-  mesh = sharding.make_mesh({"data": -1, "fsdp": args.fsdp})
+  mesh = sharding.make_mesh({"data": -1, "fsdp": args.fsdp}, devices)
   job = get_finetune_config(variant)
   job.loss.correction_steps = args.correction_steps
   config = EfficientSamConfig.from_variant(variant)
   model = EfficientSam(config, dtype=jnp.dtype(args.dtype), remat=remat, encoder_kernels=kernels)
-  batch = args.batch_per_device * jax.device_count()
+  batch = args.batch_per_device * mesh.size
   tx, schedule = make_optimizer({"optimizer": job.optimizer.to_dict(), "global_batch_size": batch,
                                  "total_steps": 1000, "lr": {**job.lr.to_dict(), "warmup_steps": 0}})
-  params = init_params(model, jax.random.PRNGKey(0))
-  state, shardings = create_train_state(lambda rng: params, tx, jax.random.PRNGKey(0), mesh)
-  step = jit_train_step(make_train_step(model, tx, schedule, job.loss, microbatches), shardings,
-                        sharding.batch_sharding(mesh), sharding.replicated(mesh))
   grid, side = config.low_res_size, config.img_size
-  corner = jax.random.randint(jax.random.PRNGKey(1), (batch, args.masks, 2), 0, grid // 2)
-  ys, xs = jnp.arange(grid)[:, None], jnp.arange(grid)[None, :]
-  y0, x0 = corner[..., 0, None, None], corner[..., 1, None, None]
-  masks = ((ys >= y0) & (ys < y0 + grid // 4) & (xs >= x0) & (xs < x0 + grid // 3)).astype(jnp.uint8)
-  boxes = jnp.stack([x0[..., 0, 0], y0[..., 0, 0], x0[..., 0, 0] + grid // 3, y0[..., 0, 0] + grid // 4],
-                    -1).astype(jnp.float32) * (side / grid)
-  data = {"image": jax.random.randint(jax.random.PRNGKey(2), (batch, side, side, 3), 0, 256).astype(jnp.uint8),
-          "masks": masks, "valid": jnp.ones((batch, args.masks), bool), "boxes": boxes}
-  data = jax.device_put(data, sharding.batch_sharding(mesh))
-  rng = jax.random.PRNGKey(3)
-  start = time.perf_counter()
-  compiled = step.lower(state, data, rng).compile()
-  compile_s = time.perf_counter() - start
+
+  def make_data():
+    corner = jax.random.randint(jax.random.PRNGKey(1), (batch, args.masks, 2), 0, grid // 2)
+    ys, xs = jnp.arange(grid)[:, None], jnp.arange(grid)[None, :]
+    y0, x0 = corner[..., 0, None, None], corner[..., 1, None, None]
+    masks = ((ys >= y0) & (ys < y0 + grid // 4) & (xs >= x0) & (xs < x0 + grid // 3)).astype(jnp.uint8)
+    boxes = jnp.stack([x0[..., 0, 0], y0[..., 0, 0], x0[..., 0, 0] + grid // 3, y0[..., 0, 0] + grid // 4],
+                      -1).astype(jnp.float32) * (side / grid)
+    return {"image": jax.random.randint(jax.random.PRNGKey(2), (batch, side, side, 3), 0, 256).astype(jnp.uint8),
+            "masks": masks, "valid": jnp.ones((batch, args.masks), bool), "boxes": boxes}
+
+  state, shardings, data, rng = _step_inputs(args, mesh, lambda rng: init_params(model, rng), tx, make_data)
+  compiled, compile_s = _compile(args, make_train_step(model, tx, schedule, job.loss, microbatches), mesh,
+                                 shardings, state, data, rng)
   loss = make_loss_fn(model, job.loss)
-  kept = saved_residual_bytes(lambda params: loss(params, data, rng, rng)[0], state.params)
+  kept = saved_residual_bytes(lambda params: loss(params, *_traceable(data, rng, rng))[0], state.params)
   row = {"dtype": args.dtype, "batch": batch, "masks_per_image": args.masks, "rounds": 1 + args.correction_steps,
          "compile_s": round(compile_s, 1), "kept_mb_per_example": kept and round(kept / batch / 1e6),
-         **_compiled_figures(compiled)}
-  if not args.compile_only:
+         **_compiled_figures(compiled), **_kernel_figures(compiled, devices[0], None, peak_tflops(devices[0]))}
+  if not args.compile_only and not args.gpu_spec:
     name = f"finetune_{variant}_{_kernels_name(kernels)}_{remat}_m{microbatches}"
     seconds = time_train_step(compiled, state, data, rng, args, name)
     row.update(ms_per_step=round(1e3 * seconds, 1), img_per_s=round(batch / seconds, 2),
@@ -539,8 +561,7 @@ def _parse_args(argv):
   sami.add_argument("--microbatches", type=parse_ints, default=[1], help=MICROBATCHES_HELP)
   sami.add_argument("--peak-tflops", type=float, default=0.0, help="override the per-chip bf16 peak")
   sami.add_argument("--compile-only", action="store_true")
-  sami.add_argument("--gpu-spec", default="", choices=["", *hlo_kernels.GPU_TARGETS],
-                    help="compile for this GPU without one (needs jax's CUDA plugin) and print its kernels' figures")
+  sami.add_argument("--gpu-spec", default="", choices=["", *hlo_kernels.GPU_TARGETS], help=GPU_SPEC_HELP)
   finetune = sub.add_parser("finetune", parents=[common])
   finetune.add_argument("--kernels", type=parse_kernels,
                         default=[Kernels(**get_finetune_config("ti").kernels.to_dict())],
@@ -556,6 +577,7 @@ def _parse_args(argv):
   finetune.add_argument("--fsdp", type=int, default=1)
   finetune.add_argument("--microbatches", type=parse_ints, default=[1], help=MICROBATCHES_HELP)
   finetune.add_argument("--compile-only", action="store_true")
+  finetune.add_argument("--gpu-spec", default="", choices=["", *hlo_kernels.GPU_TARGETS], help=GPU_SPEC_HELP)
   teacher = sub.add_parser("teacher", parents=[common])
   teacher.add_argument("--modes", type=lambda s: s.split(","), default=["upsample", "native"])
   teacher.add_argument("--batch-per-device", type=int, default=16)

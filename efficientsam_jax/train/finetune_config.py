@@ -41,11 +41,13 @@ def get_finetune_config(variant: str, arg=None) -> ml_collections.ConfigDict:
   # with more GPUs, "dots" (or "none") trades memory for speed.
   config.remat = "projections"
   config.drop_path_rate = 0.0  # encoder stochastic depth (linear over the blocks); the paper uses none
-  # How the image encoder's blocks compute (models/layers.py Kernels, same parameters): attention "xla" or
-  # "cudnn" (NVIDIA GPUs, bf16: the 4096-token attention at 1024 without materialized logits); LayerNorm
-  # "two_pass" (PyTorch's) or "one_pass" (no gain measured here: the attention dominates); backward "lean"
-  # (LayerNorm and GELU keep only their inputs for the backward pass) or "autodiff". The GELU stays exact.
-  config.kernels = ml_collections.ConfigDict({"attention": "xla", "layer_norm": "two_pass", "backward": "lean"})
+  # How the image encoder's blocks compute (models/layers.py Kernels, same parameters): attention "xla",
+  # "cudnn" (NVIDIA GPUs, bf16: the 4096-token attention at 1024 without materialized logits) or "auto"
+  # (cuDNN on NVIDIA GPUs in bf16/fp16, else XLA: the step compiled for an H100 moves 774 GB instead of 1023 GB,
+  # BENCHMARKS.md); LayerNorm "two_pass" (PyTorch's) or "one_pass" (no gain measured here: the attention
+  # dominates); backward "lean" (LayerNorm and GELU keep only their inputs for the backward pass) or
+  # "autodiff". The GELU stays exact.
+  config.kernels = ml_collections.ConfigDict({"attention": "auto", "layer_norm": "two_pass", "backward": "lean"})
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   config.global_batch_size = 128
   # Gradient accumulation: the batch runs as this many parts one after the other, each split over every device

@@ -94,7 +94,7 @@ class Instruction:
 @dataclasses.dataclass
 class Kernel:
   name: str
-  kind: str  # "gemm", "attention", "convolution", "fusion:kLoop" / kInput / kCustom / kOutput, "copy", ...
+  kind: str  # "gemm" (a fusion with a dot too), "attention", "convolution", "fusion:kLoop" / kInput / ..., "copy", ...
   read: int  # bytes of the operands
   written: int  # bytes of the results
   flops: float  # matmul FLOPs
@@ -264,8 +264,9 @@ def kernels(hlo_text: str) -> list[Kernel]:
         continue
       source = re.search(r'op_name="([^"]*)"', instruction.attributes)
       read = sum(nbytes(shapes.get(o, "")) for o in instruction.operands)
-      kernel = Kernel(instruction.name, _kind(instruction), read, _written(instruction),
-                      _flops(instruction, computations, shapes), source.group(1) if source else "")
+      flops = _flops(instruction, computations, shapes)
+      kind = "gemm" if flops and instruction.opcode == "fusion" else _kind(instruction)  # e.g. a Triton GEMM fusion
+      kernel = Kernel(instruction.name, kind, read, _written(instruction), flops, source.group(1) if source else "")
       for _ in range(repeat):
         yield kernel
 
