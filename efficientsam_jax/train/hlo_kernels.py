@@ -77,8 +77,8 @@ def gpu_devices(target: str = "h100", count: int = 1) -> list:
     topology = topologies.get_topology_desc(target, "cuda", target_config=GPU_TARGETS[target],
                                             topology=f"1x1x{count}")
   except Exception as e:  # pylint: disable=broad-except
-    raise RuntimeError(f"cannot describe a {target} without jax's CUDA plugin: pip install \"jax[cuda12]==<the "
-                       f"installed jax's version>\" (no GPU or driver needed); the error was: {e}") from e
+    raise RuntimeError(f"compiling for an absent {target} needs jax's CUDA plugin: pip install \"jax[cuda12]==<the "
+                       f"installed jax's version>\" (no GPU or driver needed); jax said: {e}") from e
   return list(topology.devices)
 
 
