@@ -74,16 +74,17 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L4": 
 PEAK_TBPS = {"H100": 3.35, "H100 PCIe": 2.0, "H200": 4.8, "A100": 2.04, "A100-SXM4-40GB": 1.56, "L4": 0.3}
 
 
-def peak_tflops(device: jax.Device, override: float = 0.0, table: Optional[dict] = None) -> Optional[float]:
-  """The device's entry in ``table`` (default ``PEAK_TFLOPS``) whose key is the longest part of its
+def chip_figure(device: jax.Device, table: dict) -> Optional[float]:
+  """The device's entry in ``table`` (``PEAK_TFLOPS``, ``PEAK_TBPS``) whose key is the longest part of its
   device_kind; None on CPU or for an unknown chip."""
-  if override:
-    return override
   if device.platform == "cpu":
     return None
-  table = PEAK_TFLOPS if table is None else table
   matches = [k for k in table if k in device.device_kind]
   return table[max(matches, key=len)] if matches else None
+
+
+def peak_tflops(device: jax.Device, override: float = 0.0) -> Optional[float]:
+  return override or chip_figure(device, PEAK_TFLOPS)
 
 
 def sami_train_flops_per_image(config) -> float:
@@ -320,7 +321,7 @@ def _model_settings(args, device: Optional[jax.Device] = None) -> list[dict]:
           for v in args.variants for k in kernels for r in args.remat for m in args.microbatches]
 
 
-def _devices(args) -> list:
+def _devices(args) -> Sequence[jax.Device]:
   """The attached devices, or with ``--gpu-spec`` one of the described GPU (``hlo_kernels.gpu_devices``)."""
   return hlo_kernels.gpu_devices(args.gpu_spec) if getattr(args, "gpu_spec", "") else jax.devices()
 
@@ -332,8 +333,8 @@ def bench_sami(args) -> list[dict]:
                                                                          peak=peak))
 
 
-def _bench_sami_setting(args, devices: list, variant: str, kernels: Kernels, remat: str, microbatches: int,
-                        peak: Optional[float]) -> dict:
+def _bench_sami_setting(args, devices: Sequence[jax.Device], variant: str, kernels: Kernels, remat: str,
+                        microbatches: int, peak: Optional[float]) -> dict:
   # pylint: disable=import-outside-toplevel
   from efficientsam_jax.models.sami import SamiConfig, SamiModel
   from efficientsam_jax.train import sharding
@@ -407,7 +408,7 @@ def _traceable(*tree):
 def _kernel_figures(compiled, device: jax.Device, model_flops: Optional[float], peak: Optional[float]) -> dict:
   """On a GPU (attached or described: ``--gpu-spec``), what the compiled step's kernels move and compute
   (``hlo_kernels.summary``) and, given the model FLOPs, the MFU its roofline would give (FLOPs / roofline / peak)."""
-  bandwidth = peak_tflops(device, table=PEAK_TBPS)
+  bandwidth = chip_figure(device, PEAK_TBPS)
   if device.platform != "gpu" or not peak or not bandwidth:
     return {}
   program = hlo_kernels.kernels(compiled.as_text())
@@ -436,7 +437,7 @@ def bench_finetune(args) -> list[dict]:
   return each_setting(_model_settings(args, devices[0]), functools.partial(_bench_finetune_setting, args, devices))
 
 
-def _bench_finetune_setting(args, devices: list, variant: str, kernels: Kernels, remat: str,
+def _bench_finetune_setting(args, devices: Sequence[jax.Device], variant: str, kernels: Kernels, remat: str,
                             microbatches: int) -> dict:
   # pylint: disable=import-outside-toplevel
   from efficientsam_jax.models.efficient_sam import EfficientSam, EfficientSamConfig, init_params

@@ -20,6 +20,7 @@ H100 on any machine and its kernels read: how XLA fuses, lays out and launches t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Iterable, Optional
@@ -67,9 +68,11 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 DEVICELESS_COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False}
 
 
-def gpu_devices(target: str = "h100", count: int = 1) -> list:
-  """``count`` devices of the GPU ``target`` (a key of ``GPU_TARGETS``) for ``jit(...).lower(...).compile(
-  compiler_options=DEVICELESS_COMPILER_OPTIONS)`` without that GPU; needs jax's CUDA plugin installed."""
+@functools.lru_cache(maxsize=None)
+def gpu_devices(target: str = "h100", count: int = 1) -> tuple:
+  """``count`` devices of the GPU ``target`` (a key of ``GPU_TARGETS``; made once per target and count) for
+  ``jit(...).lower(...).compile(compiler_options=DEVICELESS_COMPILER_OPTIONS)`` without that GPU; needs jax's
+  CUDA plugin installed."""
   if target not in GPU_TARGETS:
     raise ValueError(f"GPU target must be one of {sorted(GPU_TARGETS)}, got {target!r}")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
@@ -79,7 +82,7 @@ def gpu_devices(target: str = "h100", count: int = 1) -> list:
   except Exception as e:  # pylint: disable=broad-except
     raise RuntimeError(f"compiling for an absent {target} needs jax's CUDA plugin: pip install \"jax[cuda12]==<the "
                        f"installed jax's version>\" (no GPU or driver needed); jax said: {e}") from e
-  return list(topology.devices)
+  return tuple(topology.devices)
 
 
 @dataclasses.dataclass
@@ -194,6 +197,7 @@ def _attention_flops(instruction: Instruction, shapes: dict[str, str], target: s
 
 
 def _flops(instruction: Instruction, computations, shapes: dict[str, str]) -> float:
+  """Matmul FLOPs of an instruction; ``shapes``: every instruction's shape, by name (unique in an HLO module)."""
   if instruction.opcode == "dot":
     return _dot_flops(instruction, shapes)
   if instruction.opcode == "custom-call":
@@ -205,9 +209,7 @@ def _flops(instruction: Instruction, computations, shapes: dict[str, str]) -> fl
     return 0.0
   called = re.search(r"calls=%?([\w.\-]+)", instruction.attributes)
   if instruction.opcode == "fusion" and called and called.group(1) in computations:
-    inner = computations[called.group(1)]
-    inner_shapes = {i.name: i.shape for i in inner}
-    return sum(_flops(i, computations, inner_shapes) for i in inner)
+    return sum(_flops(i, computations, shapes) for i in computations[called.group(1)])
   return 0.0
 
 
