@@ -7,7 +7,7 @@
 # finetune sami_input sami_smoke inference everything. Each part runs under its own time limit so one slow
 # part cannot starve the rest: the top device ops (HLO instructions) of the ViT-S step with the SAMI
 # configs' kernels (attention "auto" = cuDNN on the GPU) (--profile); ViT-S with other
-# attention/LayerNorm/GELU/backward choices side by side (models/layers.py Kernels); ViT-S under XLA
+# attention/LayerNorm/GELU choices side by side (models/layers.py Kernels); ViT-S under XLA
 # compiler options (XLA_FLAGS: cuBLASLt epilogues, Triton and cuDNN GEMM fusions; one process each, the
 # first without any as the baseline); the SAMI train step per student size (img/s, MFU; bf16, batch
 # 256/device); ViT-S at batch 512 in one pass and in 2 microbatches, and with remat (models/layers.py remat); the
@@ -15,9 +15,12 @@
 # 8 images × 64 masks per device, XLA and cuDNN attention); the SAMI input pipeline; the README's SAMI
 # smoke job end to end; the inference benchmark (XLA and cuDNN attention); segment-everything against
 # the notebook's approach.
-# All parts together take ~37 min, more than one session's device time (15 min, machine start ~30 s
-# included): most informative first, one call per line: "sami_profile sami_kernels" (≤ 5.5 min), then
-# "sami_flags sami" (≤ 9.7 min), then "sami_options teacher" (≤ 7 min), then "finetune", then the rest.
+# All parts together take ~43 min, more than one session's device time (15 min, machine start ~30 s
+# included). One process per part costs ~90 s before its first row on an H200 (start, init, a ~40 s compile),
+# each further row ~60 s; the limits below are sized on that. Most informative first, one call per line:
+# "sami_profile sami" (≤ 6.7 min), "sami_kernels teacher" (≤ 7.8 min), "sami_flags" (≤ 9.2 min),
+# "sami_options" (≤ 6 min), "finetune" (≤ 5 min), then the rest. sami_profile leaves the step's top ops
+# (top_ops_sami_s.json) and its whole trace (trace_sami_s.json.gz: every kernel with its duration and grid) in OUTDIR.
 # WHEELS_DIR: wheels of packages the machine lacks, installed to /tmp/site first (for machines
 # without a package index; `bash launch/gpu_wheels.sh` downloads them into .whl/, to carry).
 set -uo pipefail
@@ -43,28 +46,30 @@ run() {  # run NAME SECONDS COMMAND...
 bench="python3 -m efficientsam_jax.train.benchmark"
 for part in $parts; do
   case $part in
-    sami_profile) run sami_profile 90 $bench sami --variants s --batch-per-device 256 --steps 5 --repeats 1 \
-      --profile "$out/trace_sami_s" --json "$out/sami_profile.json" ;;
-    sami_kernels) run sami_kernels 240 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
-      --kernels "attention=xla,layer_norm=one_pass;attention=cudnn,layer_norm=one_pass;\
-attention=cudnn,layer_norm=one_pass,backward=autodiff;attention=cudnn,layer_norm=one_pass,gelu=tanh;\
-attention=cudnn,layer_norm=two_pass" --json "$out/sami_kernels.json" ;;
+    sami_profile)  # the trace stays in /tmp (its folders are too deep to fetch); its summary and events come back
+      run sami_profile 130 $bench sami --variants s --batch-per-device 256 --steps 5 --repeats 1 \
+        --profile /tmp/trace_sami_s --json "$out/sami_profile.json"
+      cp /tmp/trace_sami_s/*/top_ops.json "$out/top_ops_sami_s.json"
+      cp /tmp/trace_sami_s/*/plugins/profile/*/*.trace.json.gz "$out/trace_sami_s.json.gz" ;;
+    sami_kernels) run sami_kernels 270 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
+      --kernels "attention=cudnn,layer_norm=one_pass;attention=cudnn,layer_norm=one_pass,gelu=tanh;\
+attention=cudnn,layer_norm=two_pass;attention=xla,layer_norm=one_pass" --json "$out/sami_kernels.json" ;;
     sami_flags)  # XLA reads XLA_FLAGS when it starts: one process per set; an unknown flag fails only its row
       i=0
       for flags in "" --xla_gpu_enable_cublaslt=true --xla_gpu_triton_gemm_any=true \
           --xla_gpu_cudnn_gemm_fusion_level=2 --xla_gpu_experimental_enable_fusion_block_level_rewriter=true; do
         i=$((i + 1))
-        XLA_FLAGS="${XLA_FLAGS:-} $flags" run sami_flags 70 $bench sami --variants s --batch-per-device 256 \
+        XLA_FLAGS="${XLA_FLAGS:-} $flags" run sami_flags 90 $bench sami --variants s --batch-per-device 256 \
           --steps 10 --repeats 2 --json "$out/sami_flags_$i.json"
       done  # cuBLASLt can fuse the tanh GELU into the GEMM (its epilogue)
-      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cublaslt=true" run sami_flags 70 $bench sami --variants s \
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cublaslt=true" run sami_flags 90 $bench sami --variants s \
         --batch-per-device 256 --steps 10 --repeats 2 --kernels "attention=auto,layer_norm=one_pass,gelu=tanh" \
         --json "$out/sami_flags_tanh_cublaslt.json" ;;
-    sami) run sami 160 $bench sami --variants ti,s,b --batch-per-device 256 --json "$out/sami_bf16.json" ;;
+    sami) run sami 270 $bench sami --variants ti,s,b --batch-per-device 256 --json "$out/sami_bf16.json" ;;
     sami_options)
-      run sami_options 110 $bench sami --variants s --batch-per-device 512 --microbatches 1,2 \
+      run sami_options 180 $bench sami --variants s --batch-per-device 512 --microbatches 1,2 \
         --json "$out/sami_s512.json"
-      run sami_options 110 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
+      run sami_options 180 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
         --remat projections,full --json "$out/sami_s_remat.json" ;;
     teacher) run teacher 200 $bench teacher --modes upsample,native --attention xla,cudnn --batch-per-device 32 \
       --steps 3 --repeats 2 --json "$out/teacher.json" ;;

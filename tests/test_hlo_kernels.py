@@ -97,3 +97,25 @@ def test_unknown_gpu_target_and_bad_text_are_refused():
     hlo_kernels.gpu_devices("a100")
   with pytest.raises(ValueError, match="no ENTRY"):
     hlo_kernels.kernels("HloModule empty\n")
+
+
+def test_deviceless_compile_keeps_triton_gemms_unless_their_tiling_fails():
+  x = jnp.ones((4, 4))
+  compiled, options = hlo_kernels.compile_deviceless(jax.jit(lambda x: x @ x).lower(x))  # real (CPU) lowering
+  assert options == {"xla_gpu_autotune_level": 0} and float(compiled(x)[0, 0]) == 4.0
+
+  class Lowered:  # a step with a GEMM that Triton cannot tile without the autotuner, as XLA reports it
+    def __init__(self, message):
+      self.message, self.tried = message, []
+
+    def compile(self, compiler_options):
+      self.tried.append(compiler_options)
+      if compiler_options.get("xla_gpu_enable_triton_gemm", True):
+        raise jax.errors.JaxRuntimeError(self.message)
+      return "compiled"
+
+  lowered = Lowered("INTERNAL: Couldn't find output tile sizes that satisfy hlo: %dot.2008 = bf16[5632,256]")
+  assert hlo_kernels.compile_deviceless(lowered) == ("compiled", hlo_kernels.DEVICELESS_FALLBACK_OPTIONS)
+  assert lowered.tried == [hlo_kernels.DEVICELESS_COMPILER_OPTIONS, hlo_kernels.DEVICELESS_FALLBACK_OPTIONS]
+  with pytest.raises(jax.errors.JaxRuntimeError, match="out of memory"):  # any other failure is the caller's
+    hlo_kernels.compile_deviceless(Lowered("RESOURCE_EXHAUSTED: out of memory"))

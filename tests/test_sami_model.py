@@ -1,5 +1,6 @@
 """SAMI model: MAE masking, restore order, decoders, losses, and export of the student."""
 
+import flax.linen as nn
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from efficientsam_jax.models import EfficientSam, EfficientSamConfig, init_params
-from efficientsam_jax.models import layers
+from efficientsam_jax.models import layers, vit
 from efficientsam_jax.models.layers import Kernels
 from efficientsam_jax.models.sami import (SamiConfig, SamiModel, random_masking, sami_loss,
                                           student_encoder_params, take_permuted)
@@ -51,6 +52,46 @@ def test_take_permuted_equals_take_along_axis_and_its_gradient_is_a_gather(start
   np.testing.assert_array_equal(grad_of(ours)(x), grad_of(reference)(x))
   assert "scatter" in str(jax.make_jaxpr(grad_of(reference))(x))
   assert "scatter" not in str(jax.make_jaxpr(grad_of(ours))(x))
+
+
+class _ConvPatchEmbed(nn.Module):
+  """The patch embedding as PyTorch computes it: a stride-p convolution named ``proj``."""
+  features: int
+  patch_size: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, images):
+    p = self.patch_size
+    return nn.Conv(self.features, (p, p), strides=p, padding="VALID", dtype=self.dtype, name="proj")(images)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_patch_embedding_is_the_convolution_and_embeds_selected_tokens(dtype):
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 40, 56, 3))  # VALID: the last 8 rows are dropped
+  conv = _ConvPatchEmbed(24, 16, dtype)
+  ours = vit.PatchEmbed(24, 16, dtype=dtype)
+  conv_params = conv.init(jax.random.PRNGKey(1), images)["params"]
+  params = ours.init(jax.random.PRNGKey(1), images)["params"]
+  assert set(params["proj"]) == set(conv_params["proj"]) == {"kernel", "bias"}  # same names, same initial values
+  for name in conv_params["proj"]:
+    np.testing.assert_array_equal(params["proj"][name], conv_params["proj"][name])
+  got, want = ours.apply({"params": params}, images), conv.apply({"params": conv_params}, images)
+  assert got.shape == want.shape == (2, 2, 3, 24) and got.dtype == want.dtype
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=(1e-5 if dtype == jnp.float32 else 5e-2) * np.abs(np.asarray(want, np.float32)).max())
+  with pytest.raises(ValueError, match="no whole 16×16 patch"):
+    ours.apply({"params": params}, images[:, :8])
+
+  # The encoder's embed with a token selection (SAMI's visible tokens) embeds just those tokens.
+  encoder = vit.ImageEncoderViT(img_size=64, embed_dim=24, depth=1, num_heads=2, pretrain_img_size=64)
+  images = jax.random.normal(jax.random.PRNGKey(2), (2, 64, 64, 3))
+  variables = encoder.init(jax.random.PRNGKey(3), images)
+  order = jnp.array([[5, 0, 15, 9], [1, 2, 3, 4]])
+  select = lambda t: t[0][order] if t.shape[0] == 1 else jnp.take_along_axis(t, order[..., None], axis=1)
+  whole = encoder.apply(variables, images, method="embed").reshape(2, 16, 24)
+  some = encoder.apply(variables, images, select, method="embed")
+  np.testing.assert_allclose(some, select(whole), atol=1e-5)
 
 
 def test_kernels_change_the_computation_not_the_parameters():

@@ -197,14 +197,12 @@ class SamiModel(nn.Module):
   def __call__(self, images: jax.Array, rng: jax.Array, example_ids: Optional[jax.Array] = None):
     """images [B, S, S, 3] normalized; rng draws the mask (``random_masking``: per example, by ``example_ids``)."""
     c = self.config
-    x = self.encoder.embed(images.astype(self.dtype))
-    batch = x.shape[0]
-    x = x.reshape(batch, c.num_tokens, c.encoder_embed_dim)
+    batch = images.shape[0]
     shuffle, restore, mask = random_masking(rng, batch, c.num_tokens, c.num_visible, example_ids)
     v, n = c.num_visible, c.num_tokens
     take = lambda t, start, stop: take_permuted(t, shuffle, restore, start, stop)  # tokens in shuffled order
 
-    visible = self.encoder.transform(take(x, 0, v))
+    visible = self.encoder.transform(self.encoder.embed(images.astype(self.dtype), lambda t: take(t, 0, v)))
     visible = self.decoder_embed(self.encoder_norm(visible))
     pos = take(self.decoder_pos_embed.astype(visible.dtype), 0, n)
     masked = self.mask_token.astype(visible.dtype) + pos[:, v:]

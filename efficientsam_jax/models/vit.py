@@ -10,7 +10,7 @@ conv1×1 → LayerNorm2d → conv3×3 → LayerNorm2d. Input and output are NHWC
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -103,15 +103,54 @@ class Block(nn.Module):
     return x
 
 
-class PatchEmbed(nn.Module):
-  embed_dim: int
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """[B, H, W, C] → [B, H/p, W/p, p·p·C]: each non-overlapping p×p patch flattened in (row, column, channel)
+  order (the order of a [p, p, C, D] convolution kernel); like a VALID convolution, rows and columns past the
+  last whole patch are dropped."""
+  batch, height, width, channels = images.shape
+  rows, cols = height // patch_size, width // patch_size
+  if not rows or not cols:
+    raise ValueError(f"images of {height}×{width} pixels hold no whole {patch_size}×{patch_size} patch")
+  x = images[:, :rows * patch_size, :cols * patch_size]
+  x = x.reshape(batch, rows, patch_size, cols, patch_size, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(batch, rows, cols, patch_size * patch_size * channels)
+
+
+class PatchProjection(nn.Module):
+  """PyTorch's ``Conv2d(C, D, p, stride=p)`` on ``patchify``'s patches: the parameters of ``nn.Conv(D, (p, p),
+  strides=p)`` (names, shapes and initializers: kernel [p, p, C, D], bias [D]) applied as one matmul over the
+  flattened patches. Same values as the convolution; on an H200 cuDNN ran that convolution with its 3 input
+  channels at ~37 TFLOP/s (1.2 ms of the SAMI ViT-S step, its weight gradient included; BENCHMARKS.md), and as a
+  matmul it is a GEMM like the blocks' (SAMI embeds only the visible patches: ``ImageEncoderViT.embed``)."""
+
+  features: int
   patch_size: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
+  def __call__(self, patches: jax.Array) -> jax.Array:
+    p = self.patch_size
+    channels, remainder = divmod(patches.shape[-1], p * p)
+    if remainder:
+      raise ValueError(f"patches of {patches.shape[-1]} values are not {p}×{p}×channels")
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, channels, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    patches, kernel, bias = nn.dtypes.promote_dtype(patches, kernel, bias, dtype=self.dtype)
+    return jnp.dot(patches, kernel.reshape(-1, self.features)) + bias
+
+
+class PatchEmbed(nn.Module):
+  """[B, H, W, C] images → [B, H/p, W/p, D] patch embeddings (``patchify``, then ``proj``)."""
+
+  embed_dim: int
+  patch_size: int
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.proj = PatchProjection(self.embed_dim, self.patch_size, dtype=self.dtype)
+
   def __call__(self, images: jax.Array) -> jax.Array:
-    return nn.Conv(self.embed_dim, (self.patch_size, self.patch_size), strides=self.patch_size,
-                   padding="VALID", dtype=self.dtype, name="proj")(images)
+    return self.proj(patchify(images, self.patch_size))
 
 
 def resize_pos_embed(pos_embed: jax.Array, grid_hw: tuple[int, int], has_cls_token: bool = True) -> jax.Array:
@@ -159,10 +198,19 @@ class ImageEncoderViT(nn.Module):
     self.neck_2 = nn.Conv(self.neck_dim, (3, 3), padding=1, use_bias=False, dtype=self.dtype)
     self.neck_3 = layer_norm(1e-6, None, self.dtype)
 
-  def embed(self, images: jax.Array) -> jax.Array:
-    """Patch embedding plus the (resized) position table → [B, h, w, embed_dim]."""
-    x = self.patch_embed(images)
-    return x + resize_pos_embed(self.pos_embed, x.shape[1:3]).astype(x.dtype)
+  def embed(self, images: jax.Array, select: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """Patch embedding plus the (resized) position table → [B, h, w, embed_dim].
+
+    ``select`` embeds only some tokens (SAMI: the visible ones): a function from rows [B or 1, h·w, ·] in
+    raster order to [B, T, ·], applied to the patches and the position table; → [B, T, embed_dim].
+    """
+    patches = patchify(images, self.patch_size)
+    positions = resize_pos_embed(self.pos_embed, patches.shape[1:3])
+    if select is not None:
+      rows = lambda t: t.reshape(t.shape[0], -1, t.shape[-1])
+      patches, positions = select(rows(patches)), select(rows(positions))
+    x = self.patch_embed.proj(patches)
+    return x + positions.astype(x.dtype)
 
   def transform(self, tokens: jax.Array) -> jax.Array:
     """The transformer blocks on [B, T, embed_dim] tokens (any subset, any order)."""

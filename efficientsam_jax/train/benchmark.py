@@ -87,23 +87,31 @@ def peak_tflops(device: jax.Device, override: float = 0.0) -> Optional[float]:
   return override or chip_figure(device, PEAK_TFLOPS)
 
 
-def sami_train_flops_per_image(config) -> float:
-  """Model FLOPs of one SAMI training example: matmuls (2·m·n·k) of the forward pass, ×3 for the backward.
-
-  The MFU basis. XLA's own count is printed beside it but is not used: on GPU
-  it leaves out the GEMMs that run as cuBLAS custom calls.
-  """
+def sami_forward_flops_per_image(config) -> tuple[float, float]:
+  """Matmul FLOPs (2·m·n·k) of one SAMI example's forward pass: (patch embedding of the visible patches, the rest:
+  encoder, decoder, head)."""
   d, dd, p = config.encoder_embed_dim, config.decoder_dim, config.patch_size
   n, v = config.num_tokens, config.num_visible
   m = n - v
-  patch_embed = 2 * n * (p * p * 3) * d
+  patch_embed = 2 * v * (p * p * 3) * d  # the masked patches are never embedded
   encoder = config.encoder_depth * (2 * v * 12 * d * d + 4 * v * v * d)  # qkv, proj, MLP (4×); QKᵀ and AV
   if config.decoder_type == "cross":  # queries: the masked tokens; keys/values: visible + masked
     block = 2 * m * dd * dd * 2 + 2 * n * dd * dd * 2 + 2 * m * 8 * dd * dd + 4 * m * n * dd
   else:
     block = 2 * n * 12 * dd * dd + 4 * n * n * dd
   decoder = 2 * v * d * dd + config.decoder_depth * block + 2 * n * dd * config.target_dim
-  return 3.0 * (patch_embed + encoder + decoder)
+  return float(patch_embed), float(encoder + decoder)
+
+
+def sami_train_flops_per_image(config) -> float:
+  """Model FLOPs of one SAMI training example: the forward pass's matmuls (``sami_forward_flops_per_image``) ×3
+  for the backward, ×2 for the patch embedding (its input, the image, needs no gradient).
+
+  The MFU basis. XLA's own count is printed beside it but is not used: on GPU
+  it leaves out the GEMMs that run as cuBLAS custom calls.
+  """
+  patch_embed, rest = sami_forward_flops_per_image(config)
+  return 2.0 * patch_embed + 3.0 * rest
 
 
 def parse_kernels(text: str) -> list[Kernels]:
@@ -284,8 +292,8 @@ def _describe(args) -> str:
   """The devices (``--gpu-spec``: the GPU compiled for), jax's version and the XLA options in effect (``XLA_FLAGS``)."""
   flags = os.environ.get("XLA_FLAGS", "").strip()
   device, described = _devices(args)[0], bool(getattr(args, "gpu_spec", ""))
-  devices = (f"1 × {device.device_kind} (described, not attached: compiled, not run; options "
-             f"{hlo_kernels.DEVICELESS_COMPILER_OPTIONS})" if described
+  devices = (f"1 × {device.device_kind} (described, not attached: compiled, not run; XLA's autotuner off)"
+             if described
              else f"{jax.device_count()} × {device.device_kind} ({device.platform})")
   return f"{devices}, jax {jax.__version__}" + (f", XLA_FLAGS={flags}" if flags else "")
 
@@ -354,12 +362,12 @@ def _bench_sami_setting(args, devices: Sequence[jax.Device], variant: str, kerne
       "images": jax.random.randint(jax.random.PRNGKey(1), (batch, side, side, 3), 0, 256).astype(jnp.uint8),
       "targets": jax.random.normal(jax.random.PRNGKey(2), (batch, config.num_tokens, config.target_dim))}
   state, shardings, data, rng = _step_inputs(args, mesh, init, tx, make_data)
-  compiled, compile_s = _compile(args, make_train_step(model, tx, schedule, microbatches=microbatches), mesh,
-                                 shardings, state, data, rng)
+  compiled, compile_s, compile_figures = _compile(args, make_train_step(model, tx, schedule, microbatches=microbatches),
+                                                  mesh, shardings, state, data, rng)
   flops = sami_train_flops_per_image(config) * batch / mesh.size  # per device
   loss = make_loss_fn(model)
   kept = saved_residual_bytes(lambda params: loss(params, *_traceable(data, rng)), state.params)  # w.r.t. params
-  row = {"dtype": args.dtype, "batch": batch, "compile_s": round(compile_s, 1),
+  row = {"dtype": args.dtype, "batch": batch, "compile_s": round(compile_s, 1), **compile_figures,
          "model_gflop_per_step": round(flops / 1e9, 1), "kept_mb_per_example": kept and round(kept / batch / 1e6, 1),
          **_compiled_figures(compiled), **_kernel_figures(compiled, devices[0], flops, peak)}
   if not args.compile_only and not args.gpu_spec:
@@ -389,15 +397,19 @@ def _step_inputs(args, mesh, init_params: Callable, tx, make_data: Callable) -> 
 
 def _compile(args, step_fn: Callable, mesh, shardings, state, data, rng) -> tuple:
   """The jitted step (``loop.jit_train_step``) compiled for these inputs (``--gpu-spec``: for the described GPU,
-  ``hlo_kernels.DEVICELESS_COMPILER_OPTIONS``) → (compiled, seconds it took)."""
+  ``hlo_kernels.compile_deviceless``) → (compiled, seconds it took, figures for the row)."""
   # pylint: disable=import-outside-toplevel
   from efficientsam_jax.train import sharding
   from efficientsam_jax.train.loop import jit_train_step
   step = jit_train_step(step_fn, shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh))
   start = time.perf_counter()
-  compiled = step.lower(state, data, rng).compile(
-      compiler_options=hlo_kernels.DEVICELESS_COMPILER_OPTIONS if args.gpu_spec else None)
-  return compiled, time.perf_counter() - start
+  lowered, figures = step.lower(state, data, rng), {}
+  if args.gpu_spec:
+    compiled, options = hlo_kernels.compile_deviceless(lowered)
+    figures["triton_gemm"] = options.get("xla_gpu_enable_triton_gemm", True)
+  else:
+    compiled = lowered.compile()
+  return compiled, time.perf_counter() - start, figures
 
 
 def _traceable(*tree):
@@ -467,12 +479,12 @@ def _bench_finetune_setting(args, devices: Sequence[jax.Device], variant: str, k
             "masks": masks, "valid": jnp.ones((batch, args.masks), bool), "boxes": boxes}
 
   state, shardings, data, rng = _step_inputs(args, mesh, lambda rng: init_params(model, rng), tx, make_data)
-  compiled, compile_s = _compile(args, make_train_step(model, tx, schedule, job.loss, microbatches), mesh,
-                                 shardings, state, data, rng)
+  compiled, compile_s, compile_figures = _compile(args, make_train_step(model, tx, schedule, job.loss, microbatches),
+                                                  mesh, shardings, state, data, rng)
   loss = make_loss_fn(model, job.loss)
   kept = saved_residual_bytes(lambda params: loss(params, *_traceable(data, rng, rng))[0], state.params)
   row = {"dtype": args.dtype, "batch": batch, "masks_per_image": args.masks, "rounds": 1 + args.correction_steps,
-         "compile_s": round(compile_s, 1), "kept_mb_per_example": kept and round(kept / batch / 1e6),
+         "compile_s": round(compile_s, 1), **compile_figures, "kept_mb_per_example": kept and round(kept / batch / 1e6),
          **_compiled_figures(compiled), **_kernel_figures(compiled, devices[0], None, peak_tflops(devices[0]))}
   if not args.compile_only and not args.gpu_spec:
     name = f"finetune_{variant}_{_kernels_name(kernels)}_{remat}_m{microbatches}"
