@@ -1,6 +1,7 @@
 """The EfficientSAM image encoder: a plain ViT with global attention and a neck.
 
-Same computation as the official ``ImageEncoderViT``: patch 16 conv, a
+Same computation as the official ``ImageEncoderViT``: the patch-16 conv (its
+parameters, computed as a matmul over flattened patches: ``PatchProjection``), a
 (1 + 14·14)-slot position table from 224-pixel pre-training whose grid part is
 resized to the token grid with PyTorch bicubic on every call, pre-norm blocks
 (LayerNorm eps 1e-6, qkv with bias, exact GELU), no final norm, then the neck
