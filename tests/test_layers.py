@@ -56,7 +56,7 @@ def test_layer_norm_is_flax_layer_norm_with_autodiffs_gradients(dtype, one_pass)
 
 @pytest.mark.parametrize("approximate", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_lean_gelu_is_jax_gelu_with_autodiffs_gradient(approximate, dtype):
+def test_lean_gelu_is_pytorchs_gelu_with_autodiffs_gradient(approximate, dtype):
   x, weights = _inputs(dtype)
   gelu = lambda x: layers.lean_gelu(x, approximate)
   if approximate:
