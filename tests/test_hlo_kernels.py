@@ -82,6 +82,26 @@ def test_kernels_of_a_gpu_module_counted_by_hand():
       ("blocks_N/fc1/dot_general", 1), ("blocks_N/dot_product_attention_fwd", 1), ("", 3), ("blocks_N/mlp/tanh", 1)}
 
 
+def test_pallas_kernels_short_attention_counted_as_attention():
+  """Pallas calls (Triton custom calls) named by their kernel: the short_attention backward is attention with
+  2.5 × 4·B·N·T·S·H FLOPs (q [2, 6, 4, 8], k [2, 10, 4, 8]); another Pallas kernel is "pallas" without FLOPs."""
+  module = """HloModule jit_grad
+
+ENTRY %main (q: bf16[2,6,4,8], k: bf16[2,10,4,8], lse: f32[2,4,16]) -> bf16[2,6,4,8] {
+  %q = bf16[2,6,4,8]{3,2,1,0} parameter(0)
+  %k = bf16[2,10,4,8]{3,2,1,0} parameter(1)
+  %lse = f32[2,4,16]{2,1,0} parameter(2)
+  %pallas_call.1 = (bf16[2,6,4,8]{3,2,1,0}, bf16[2,10,4,8]{3,2,1,0}, bf16[2,10,4,8]{3,2,1,0}) custom-call(%q, %k, %k, %q, %q, %lse), custom_call_target="__gpu$xla.gpu.triton", backend_config={debug = false, grid_x = 4 : i32, grid_y = 2 : i32, grid_z = 1 : i32, ir = "ML\\EFR", name = "short_attention_backward", num_stages = 2 : i32, num_warps = 8 : i32}
+  ROOT %pallas_call.2 = bf16[2,6,4,8]{3,2,1,0} custom-call(%q), custom_call_target="__gpu$xla.gpu.triton", backend_config={debug = false, ir = "ML", name = "scale_rows", num_warps = 4 : i32}
+}
+"""
+  backward, other = hlo_kernels.kernels(module)
+  assert (backward.kind, backward.flops) == ("attention", 2.5 * 4 * 2 * 4 * 6 * 10 * 8)
+  assert backward.read == 3 * (2 * 6 * 4 * 8 * 2) + 2 * (2 * 10 * 4 * 8 * 2) + 2 * 4 * 16 * 4
+  assert backward.written == 2 * 6 * 4 * 8 * 2 + 2 * (2 * 10 * 4 * 8 * 2)
+  assert (other.kind, other.flops) == ("pallas", 0.0)
+
+
 def test_kernels_of_a_cpu_compile_count_the_matmul():
   """A real compiled module (this CPU's): the matmul's FLOPs exactly, and results written at least once."""
   f = jax.jit(lambda x, w: jnp.tanh(x @ w) * 2.0)
@@ -119,3 +139,22 @@ def test_deviceless_compile_keeps_triton_gemms_unless_their_tiling_fails():
   assert lowered.tried == [hlo_kernels.DEVICELESS_COMPILER_OPTIONS, hlo_kernels.DEVICELESS_FALLBACK_OPTIONS]
   with pytest.raises(jax.errors.JaxRuntimeError, match="out of memory"):  # any other failure is the caller's
     hlo_kernels.compile_deviceless(Lowered("RESOURCE_EXHAUSTED: out of memory"))
+
+
+def test_ptxas_report_per_entry_function():
+  """``ptxas -v``'s report (as ptxas 12 prints it for two Pallas kernels): registers and spills per kernel."""
+  text = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'short_attention_forward' for 'sm_90a'
+ptxas info    : Function properties for short_attention_forward
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 176 registers, used 1 barriers
+ptxas info    : Compiling entry function 'short_attention_backward' for 'sm_90a'
+ptxas info    : Function properties for short_attention_backward
+    48 bytes stack frame, 44 bytes spill stores, 40 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 48 bytes cumulative stack size
+ptxas info    : Compile time = 111.568 ms
+"""
+  assert hlo_kernels.ptxas_report(text) == {
+      "short_attention_forward": {"registers": 176, "stack_bytes": 0, "spill_store_bytes": 0, "spill_load_bytes": 0},
+      "short_attention_backward": {"registers": 255, "stack_bytes": 48, "spill_store_bytes": 44,
+                                   "spill_load_bytes": 40}}

@@ -9,6 +9,7 @@ import pytest
 
 from efficientsam_jax.models.layers import Kernels
 from efficientsam_jax.models.sami import SamiConfig, SamiModel
+from efficientsam_jax.models.short_attention import Tiling
 from efficientsam_jax.train import benchmark
 from efficientsam_jax.train.benchmark import (compiled_cost, parse_kernels, parse_remat, peak_tflops,
                                               op_kind, profile_top_ops, sami_forward_flops_per_image,
@@ -67,12 +68,32 @@ def test_remat_policies_parse_and_each_is_a_row(tmp_path):
 
 
 def test_op_kinds_of_gpu_op_names():
-  """Names as an H200 trace of the SAMI step gave them (jax 0.11), and cuDNN's attention kernels."""
+  """Names as an H200 trace of the SAMI step gave them (jax 0.11), cuDNN's attention kernels, a Pallas kernel
+  and the HLO op of a Pallas call."""
   names = {"nvjet_sm90_tst_128x128_64x6_2x1_v_bz_TNT": "matmul", "gemm_fusion_dot_578": "matmul",
            "sm80_xmma_fprop_implicit_gemm_indexed_bf": "matmul", "cudnn_generated_sdpa_sm90_flash_fprop": "attention",
            "__cudnn$fmhaSoftmaxBackward": "attention", "loop_convert_multiply_fusion_7": "elementwise fusion",
            "loop_multiply_fusion_7": "elementwise fusion", "input_reduce_fusion_182": "reduction fusion",
            "input_add_reduce_fusion_14": "reduction fusion", "input_transpose_fusion": "copy/transpose",
            "wrapped_transpose": "copy/transpose", "fusion_2274": "other fusion", "all-reduce-start": "collective",
-           "cuStreamSynchronize": "other"}
+           "cuStreamSynchronize": "other", "short_attention_backward": "attention", "pallas_call.7": "pallas"}
   assert {name: op_kind(name) for name in names} == names
+
+
+def test_attention_benchmark_rows_check_each_implementation_against_fp32(tmp_path):
+  """``attention``: one row per implementation (the Pallas kernels per tiling, in interpret mode here), each with
+  its error against fp32 XLA attention: small for the kernels, and each part timed."""
+  assert benchmark.parse_tilings("64,4,16,8;32,2,16,4,2") == [Tiling(64, 4, 16, 8), Tiling(32, 2, 16, 4, 2)]
+  for bad in ("64,4,16", "48,4,16,8"):
+    with pytest.raises(argparse.ArgumentTypeError, match="tiling"):
+      benchmark.parse_tilings(bad)
+  out = tmp_path / "rows.json"
+  assert benchmark.main(["attention", "--batch", "2", "--queries", "20", "--keys", "9", "--heads", "2",
+                         "--head-dim", "16", "--implementations", "xla,pallas", "--tilings", "16,4,16,4;32,4,16,4",
+                         "--dtype", "float32", "--steps", "1", "--repeats", "1", "--json", str(out)]) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert [(row["implementation"], row["tiling"] and row["tiling"]["block_q"]) for row in rows] == [
+      ("xla", None), ("pallas", 16), ("pallas", 32)]
+  for row in rows:
+    assert row["forward_relative_error"] < 1e-5 and row["train_relative_error"] < 1e-5, row
+    assert row["forward_ms"] > 0 and row["train_ms"] > 0

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from efficientsam_jax.models.short_attention import short_attention
+
 Dtype = Any
 
 
@@ -24,7 +26,7 @@ def exact_gelu(x: jax.Array) -> jax.Array:
   return lean_gelu(x, False)
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
 
 
 def _on_cuda(device: "jax.Device | None" = None) -> bool:
@@ -37,7 +39,7 @@ def _on_cuda(device: "jax.Device | None" = None) -> bool:
 
 def resolve_attention(implementation: str, dtype: Dtype, device: "jax.Device | None" = None) -> str:
   """"auto" → "cudnn" on NVIDIA GPUs in bf16/fp16 (SAMI ViT-S step 1.3× faster on an H200, BENCHMARKS.md),
-  else "xla"; "xla" and "cudnn" as they are. ``device``: the one that will run it (default: the first attached)."""
+  else "xla"; the others as they are. ``device``: the one that will run it (default: the first attached)."""
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
   if implementation != "auto":
@@ -58,11 +60,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "x
   Its backward pass needs even token counts (jax 0.11 refuses e.g. SAMI's 49 visible tokens), so an
   odd count is padded by one: a query row whose output is dropped, a key masked out by its length
   (``Kernels.token_padding`` pads before the projections instead, where the pad costs nothing).
-  "auto": one of the two by the backend and q's dtype (``resolve_attention``).
+  "pallas": ``short_attention.short_attention``, Pallas kernels that hold all the keys of an (example, head)
+  in one tile (up to 512 keys, head dim a power of 2 from 16; Triton on NVIDIA GPUs, interpret mode elsewhere).
+  "auto": "cudnn" or "xla" by the backend and q's dtype (``resolve_attention``).
   ``num_keys``: only the first ``num_keys`` keys count (the rest are padding).
   """
-  if resolve_attention(implementation, q.dtype) == "cudnn":
+  implementation = resolve_attention(implementation, q.dtype)
+  if implementation == "cudnn":
     return even_length_attention(q, k, v, implementation="cudnn", num_keys=num_keys)
+  if implementation == "pallas":
+    examples = lambda t: t.reshape(-1, *t.shape[-3:])
+    return short_attention(examples(q), examples(k), examples(v), num_keys).reshape(q.shape)
   if num_keys is not None:
     k, v = k[..., :num_keys, :, :], v[..., :num_keys, :, :]
   q, k, v = (jnp.swapaxes(t, -3, -2) for t in (q, k, v))
@@ -234,7 +242,7 @@ lean_gelu.defvjp(lambda x, approximate: (lean_gelu(x, approximate), x), _lean_ge
 class Kernels:
   """How a transformer block computes attention, LayerNorm and GELU: speed choices over the same parameters.
 
-  attention: "xla", "cudnn" or "auto" (see ``attention``).
+  attention: "xla", "cudnn", "pallas" or "auto" (see ``attention``).
   layer_norm: "two_pass" (PyTorch's variance) or "one_pass" (see ``layer_norm``).
   gelu: "exact" (erf, PyTorch's ``nn.GELU()``) or "tanh" (the tanh approximation, max. error ~5e-4).
   backward: what LayerNorm and GELU keep for the backward pass: "lean" (their input and LayerNorm's row

@@ -170,7 +170,11 @@ class SamAttention(nn.Module):
       init = nn.initializers.zeros
       rel_h = relative_position_bias_table(self.param("rel_pos_h", init, (span, head_dim)), h)
       rel_w = relative_position_bias_table(self.param("rel_pos_w", init, (span, head_dim)), w)
-    if resolve_attention(self.attention, q.dtype) == "cudnn":
+    implementation = resolve_attention(self.attention, q.dtype)
+    if implementation == "pallas":
+      raise ValueError("SAM's attention adds relative positions to its logits, which the 'pallas' kernels do not: "
+                       "use 'xla', 'cudnn' or 'auto'")
+    if implementation == "cudnn":
       folded = fold_relative_positions(q, k, v, rel_h, rel_w)
       out = even_length_attention(*folded, implementation="cudnn", scale=1.0)[..., :head_dim]
     else:

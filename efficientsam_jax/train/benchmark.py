@@ -4,6 +4,7 @@
     python -m efficientsam_jax.train.benchmark finetune --variants ti,s --batch-per-device 8 --masks 64
     python -m efficientsam_jax.train.benchmark teacher --modes upsample,native --batch-per-device 16
     python -m efficientsam_jax.train.benchmark sami-input --records 2048 --batch 256
+    python -m efficientsam_jax.train.benchmark attention --implementations cudnn,pallas --tilings "64,4,16,8;32,4,16,8"
 
 ``sami``: the real jitted SAMI train step (student + cross-attention decoder +
 AdamW) on random inputs already on the devices, per student size; prints
@@ -37,6 +38,11 @@ features out, host transfers included) on random ViT-H weights: views/s;
 ``--profile DIR`` traces a few steps after the timing and prints the device
 ops that took the most time, with the JAX operation that made each.
 
+``attention``: softmax attention alone, forward and forward + backward, at the SAMI decoder's shape (batch
+256 × 16 heads of 32, 147 queries over 196 keys; ``--queries``, ``--keys``, ... for others) per
+implementation: "xla", "cudnn", "pallas" (``models/short_attention.py``; ``--tilings`` compares its block
+sizes and warps); ms, TFLOP/s and the largest error against fp32 XLA attention of the same inputs.
+
 ``sami-input``: the SAMI grain pipeline on this host (TFRecord read, JPEG
 decode, batching) over shards of real photographs' views: samples/s.
 """
@@ -61,7 +67,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import print_saved_residuals
 
-from efficientsam_jax.models.layers import REMAT_POLICIES, Kernels, remat_policy, resolve_attention
+from efficientsam_jax.models.layers import REMAT_POLICIES, Kernels, attention, remat_policy, resolve_attention
+from efficientsam_jax.models.short_attention import Tiling, short_attention
 from efficientsam_jax.train import hlo_kernels
 from efficientsam_jax.train.loop import compiled_memory_bytes
 from efficientsam_jax.train.finetune_config import get_finetune_config
@@ -205,7 +212,8 @@ def time_steps(run_step, steps: int, repeats: int) -> float:
 
 # What a device op is, from its name (XLA's fusion names, cuBLAS/cuDNN kernel names), first match wins.
 OP_KINDS = (("collective", ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "nccl")),
-            ("attention", ("fmha", "flash", "sdpa")),
+            ("attention", ("fmha", "flash", "sdpa", "short_attention")),
+            ("pallas", ("pallas_call",)),  # an HLO op of a Pallas kernel (the SAMI step's: short_attention's)
             ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "convolution", "dot")),
             ("copy/transpose", ("transpose", "copy", "memcpy", "memset")),
             ("reduction fusion", ("input_", "reduce")),
@@ -310,7 +318,8 @@ def each_setting(settings: Sequence[dict], measure) -> list[dict]:
       figures = measure(**setting)
     except Exception as e:  # pylint: disable=broad-except
       figures = {"error": f"{type(e).__name__}: {e}"[:400]}
-    row = {key: dataclasses.asdict(value) if isinstance(value, Kernels) else value for key, value in setting.items()}
+    row = {key: dataclasses.asdict(value) if isinstance(value, (Kernels, Tiling)) else value
+           for key, value in setting.items()}
     rows.append({**row, **figures})
     print(json.dumps(rows[-1]), flush=True)
   return rows
@@ -552,6 +561,75 @@ def bench_sami_input(args) -> list[dict]:
   return [row]
 
 
+def parse_tilings(text: str) -> list[Tiling]:
+  """``"64,4,16,8;32,4,16,8,2"`` → Tilings (block_q, warps, block_q_backward, warps_backward[, heads_per_program]
+  each)."""
+  tilings = []
+  for item in text.split(";"):
+    try:
+      values = [int(v) for v in item.split(",")]
+      if len(values) not in (4, 5):
+        raise ValueError(f"{len(values)} numbers")
+      tilings.append(Tiling(*values))
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(f"tiling {item!r}: expected block_q,warps,block_q_backward,warps_backward"
+                                       f"[,heads_per_program]: {e}") from e
+  return tilings
+
+
+def bench_attention(args) -> list[dict]:
+  """``attention`` (module docstring): each implementation (pallas: × tiling) on the same random inputs; with
+  ``--gpu-spec``, compiled for that GPU instead: kernel count and GB, and the Pallas kernels' registers and
+  spills per thread (``hlo_kernels.triton_kernel_resources``)."""
+  shape = lambda tokens: (args.batch, tokens, args.heads, args.head_dim)
+  tokens = (args.queries, args.keys, args.keys, args.queries)  # q, k, v and the output's cotangent
+  dtype = jnp.dtype(args.dtype)
+  if args.gpu_spec:
+    sharding = jax.sharding.SingleDeviceSharding(hlo_kernels.gpu_devices(args.gpu_spec)[0])
+    inputs = [jax.ShapeDtypeStruct(shape(t), dtype, sharding=sharding) for t in tokens]
+  else:
+    inputs = [jax.random.normal(key, shape(t), dtype) for key, t in zip(jax.random.split(jax.random.PRNGKey(0), 4),
+                                                                          tokens)]
+  forward_flops = 4.0 * args.batch * args.heads * args.queries * args.keys * args.head_dim
+
+  def train_fn(fn):  # the gradients of Σ out·cotangent: what a training step's backward pass computes
+    return jax.jit(jax.grad(lambda q, k, v, d: jnp.sum(fn(q, k, v).astype(jnp.float32) * d), (0, 1, 2)))
+
+  def parts(fn):  # (name, jitted function, its inputs, model FLOPs)
+    return (("forward", jax.jit(fn), inputs[:3], forward_flops),
+            ("train", train_fn(fn), inputs, 3.5 * forward_flops))
+
+  if not args.gpu_spec:
+    wide = [t.astype(jnp.float32) for t in inputs]
+    reference = {name: run(*wide[:len(arrays)])
+                 for name, run, arrays, _ in parts(functools.partial(attention, implementation="xla"))}
+
+  def measure(implementation: str, tiling: Optional[Tiling]) -> dict:
+    fn = (functools.partial(short_attention, tiling=tiling) if implementation == "pallas"
+          else functools.partial(attention, implementation=implementation))
+    row = {}
+    for name, run, arrays, flops in parts(fn):
+      if args.gpu_spec:
+        compiled, registers = hlo_kernels.triton_kernel_resources(run.lower(*arrays), prefix="short_attention")
+        program = hlo_kernels.kernels(compiled.as_text())
+        row.update({f"{name}_kernels": len(program), f"{name}_gb": round(sum(k.bytes for k in program) / 1e9, 3),
+                    **({f"{name}_ptxas": registers} if registers else {})})
+        continue
+      got = run(*arrays)
+      error = max(float(jnp.abs(a.astype(jnp.float32) - b).max() / jnp.abs(b).max())
+                  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(reference[name])))
+      seconds = time_steps(lambda: run(*arrays), args.steps, args.repeats)  # pylint: disable=cell-var-from-loop
+      row.update({f"{name}_ms": round(1e3 * seconds, 3), f"{name}_tflops": round(flops / seconds / 1e12, 1),
+                  f"{name}_relative_error": float(f"{error:.2g}")})
+    return row
+
+  settings = [{"implementation": i, "tiling": t if i == "pallas" else None}
+              for i in args.implementations for t in (args.tilings if i == "pallas" else [None])]
+  print(f"attention: q {shape(args.queries)}, k and v {shape(args.keys)}, {args.dtype}; train = forward + the "
+        f"gradients of q, k, v; TFLOP/s of 4·B·N·Tq·Tk·H forward, 3.5 times that for train", flush=True)
+  return each_setting(settings, measure)
+
+
 def _parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="what", required=True)
@@ -597,6 +675,19 @@ def _parse_args(argv):
   teacher.add_argument("--dtype", default="bfloat16")
   teacher.add_argument("--attention", type=lambda s: s.split(","), default=["xla"], help="xla,cudnn: compare both")
   teacher.add_argument("--size", type=int, default=224)
+  attend = sub.add_parser("attention", parents=[common])
+  attend.add_argument("--implementations", type=lambda s: s.split(","), default=["xla", "cudnn", "pallas"])
+  attend.add_argument("--tilings", type=parse_tilings, default=[Tiling()],
+                      help="pallas: block_q,warps,block_q_backward,warps_backward[,heads_per_program] sets "
+                      "separated by ';'")
+  attend.add_argument("--batch", type=int, default=256)
+  attend.add_argument("--queries", type=int, default=147)
+  attend.add_argument("--keys", type=int, default=196)
+  attend.add_argument("--heads", type=int, default=16)
+  attend.add_argument("--head-dim", type=int, default=32)
+  attend.add_argument("--dtype", default="bfloat16")
+  attend.add_argument("--gpu-spec", default="", choices=["", *hlo_kernels.GPU_TARGETS],
+                      help=GPU_SPEC_HELP + "; the Pallas kernels' registers and spills (ptxas)")
   data = sub.add_parser("sami-input", parents=[common])
   data.add_argument("--records", type=int, default=2048)
   data.add_argument("--shards", type=int, default=8)
@@ -610,7 +701,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parse_args(argv)
   print(f"devices: {_describe(args)}", flush=True)
   rows = {"sami": bench_sami, "finetune": bench_finetune, "teacher": bench_teacher,
-          "sami-input": bench_sami_input}[args.what](args)
+          "sami-input": bench_sami_input, "attention": bench_attention}[args.what](args)
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"devices": _describe(args), "what": args.what, "rows": rows}, f, indent=1)

@@ -6,10 +6,11 @@ custom calls, copies, collectives; ``while`` bodies times their known trip count
 ``call``s such as command buffers; a ``conditional`` counts as one kernel), each with the bytes of
 its operands and results as whole arrays (an upper bound for a fusion that reads part of an operand; a
 cuBLAS call's workspace result left out) and its matmul FLOPs (2·m·n·k of each dot, in a fusion too;
-cuDNN attention: its q·kᵀ and p·v products, forward 4·B·N·T·S·H, backward 2.5 times that with the
-recomputed logits). ``roofline_seconds`` sums each kernel's floor, the larger of its bytes over the memory
-bandwidth and its FLOPs over the matmul peak: the time the program would take if every kernel ran at the
-chip's limit, a floor that real kernels (launch gaps, small grids, transposes) stay above.
+cuDNN attention and the Pallas ``short_attention`` kernels: their q·kᵀ and p·v products, forward
+4·B·N·T·S·H, backward 2.5 times that with the recomputed logits; other Pallas kernels: kind "pallas", no
+FLOPs). ``roofline_seconds`` sums each kernel's floor, the larger of its bytes over the memory bandwidth and
+its FLOPs over the matmul peak: the time the program would take if every kernel ran at the chip's limit, a
+floor that real kernels (launch gaps, small grids, transposes) stay above.
 
 ``gpu_devices("h100")`` are the devices of a GPU that is not there (jax's deviceless compile: it needs
 ``pip install "jax[cuda12]==<jax's version>"``, no driver or GPU), so a train step can be compiled for an
@@ -21,8 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import math
+import os
 import re
+import shutil
+import subprocess
+import tempfile
 from typing import Iterable, Optional
 
 import jax
@@ -82,6 +88,49 @@ def compile_deviceless(lowered) -> tuple:
     if "tile sizes" not in str(e):
       raise
   return lowered.compile(compiler_options=DEVICELESS_FALLBACK_OPTIONS), DEVICELESS_FALLBACK_OPTIONS
+
+
+def ptxas_report(text: str) -> dict[str, dict]:
+  """``ptxas -v``'s report → {entry function: {"registers", "stack_bytes", "spill_store_bytes",
+  "spill_load_bytes"}}: what one thread of each kernel holds (registers over 255 spill to local memory)."""
+  report, name = {}, None
+  for line in text.splitlines():
+    entry = re.search(r"Compiling entry function '([^']+)'", line)
+    if entry:
+      name = entry.group(1)
+      report[name] = {}
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if frame and name:
+      report[name].update(zip(("stack_bytes", "spill_store_bytes", "spill_load_bytes"), map(int, frame.groups())))
+    used = re.search(r"Used (\d+) registers", line)
+    if used and name:
+      report[name]["registers"] = int(used.group(1))
+  return report
+
+
+def triton_kernel_resources(lowered, prefix: str = "", arch: str = "sm_90a") -> tuple:
+  """Compiles ``lowered`` for an absent GPU (``gpu_devices``) and assembles the PTX of its kernels whose names
+  start with ``prefix`` (e.g. Pallas kernels' names) with ptxas for ``arch`` → (compiled, ``ptxas_report`` of
+  those kernels). Needs jax's CUDA plugin, whose nvidia-cuda-nvcc package brings ptxas."""
+  try:
+    import nvidia.cuda_nvcc  # pylint: disable=import-outside-toplevel
+    candidates = [f"{path}/bin/ptxas" for path in nvidia.cuda_nvcc.__path__]
+  except ImportError:
+    candidates = []
+  ptxas = next((c for c in [*candidates, shutil.which("ptxas")] if c and os.path.exists(c)), None)
+  if ptxas is None:
+    raise RuntimeError("no ptxas: it comes with jax's CUDA plugin (pip install \"jax[cuda12]==<jax's version>\")")
+  report = {}
+  with tempfile.TemporaryDirectory() as dump:
+    compiled = lowered.compile(compiler_options={**DEVICELESS_COMPILER_OPTIONS, "xla_dump_to": dump})
+    for ptx in sorted(glob.glob(f"{dump}/*.ptx")):
+      with open(ptx) as f:
+        names = re.findall(r"\.entry (\w+)\(", f.read())
+      if any(name.startswith(prefix) for name in names):
+        done = subprocess.run([ptxas, "-v", "--gpu-name", arch, ptx, "-o", "/dev/null"], capture_output=True,
+                              text=True, check=True)
+        report.update((k, v) for k, v in ptxas_report(done.stderr).items() if k.startswith(prefix))
+  return compiled, report
 
 
 @functools.lru_cache(maxsize=None)
@@ -204,7 +253,8 @@ def _dot_flops(instruction: Instruction, shapes: dict[str, str]) -> float:
 
 
 def _attention_flops(instruction: Instruction, shapes: dict[str, str], target: str) -> float:
-  """cuDNN attention on [B, T, N, H] q and [B, S, N, H] k: q·kᵀ and p·v (4·B·N·T·S·H), backward 2.5×."""
+  """cuDNN's or ``short_attention``'s attention on [B, T, N, H] q and [B, S, N, H] k: q·kᵀ and p·v
+  (4·B·N·T·S·H), backward 2.5×."""
   q, k = (arrays(shapes.get(name, "")) for name in instruction.operands[:2])
   if not q or not k or len(q[0][1]) != 4:
     return 0.0
@@ -222,6 +272,8 @@ def _flops(instruction: Instruction, computations, shapes: dict[str, str]) -> fl
       return _dot_flops(instruction, shapes)
     if "fmha" in target:
       return _attention_flops(instruction, shapes, target)
+    if _pallas_name(instruction).startswith("short_attention"):
+      return _attention_flops(instruction, shapes, _pallas_name(instruction))
     return 0.0
   called = re.search(r"calls=%?([\w.\-]+)", instruction.attributes)
   if instruction.opcode == "fusion" and called and called.group(1) in computations:
@@ -234,12 +286,20 @@ def _target(instruction: Instruction) -> str:
   return found.group(1) if found else ""
 
 
+def _pallas_name(instruction: Instruction) -> str:
+  """The kernel name of a Pallas (Triton) call, "" for any other instruction."""
+  found = re.search(r'\bname = "([^"]+)"', instruction.attributes) if "triton" in _target(instruction) else None
+  return found.group(1) if found else ""
+
+
 def _kind(instruction: Instruction) -> str:
   target = _target(instruction)
   if instruction.opcode == "dot" or "gemm" in target or "matmul" in target:
     return "gemm"
-  if "fmha" in target:
+  if "fmha" in target or _pallas_name(instruction).startswith("short_attention"):
     return "attention"
+  if "triton" in target:
+    return "pallas"
   if instruction.opcode == "convolution" or "conv" in target.lower():
     return "convolution"
   if instruction.opcode == "fusion":

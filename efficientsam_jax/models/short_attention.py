@@ -1,0 +1,207 @@
+"""Softmax attention over short key sequences as Pallas kernels (Triton on NVIDIA GPUs): all the keys of one
+(example, head) in one tile.
+
+SAMI's decoder attends 147 masked-token queries to 196 keys in 16 heads of 32 channels. cuDNN's flash attention
+runs that as 64-query tiles over two key steps each, with a running rescale of the softmax between them: 6.2 ms of
+the 33.6 ms ViT-S step on an H200, at 68 TFLOP/s (BENCHMARKS.md, eleventh session). Here a program holds every key
+of its (example, head) at once:
+
+* forward, one program per (example, head or group of heads, block of queries): q·kᵀ for the whole row, the
+  softmax in one pass, p·v, and the row's log-sum-exp for the backward pass;
+* backward, one program per (example, head): k and v stay loaded, dk and dv accumulate in registers while the
+  program walks the query blocks (keys on the rows of every product), and each block's dq is complete when
+  written (no atomics, no second kernel).
+
+Layout [B, T, N, H] (tokens, heads, head dim) as ``layers.attention``; H a power of 2 from 16 on, at most
+``MAX_KEYS`` keys. Logits, softmax and accumulators are fp32; p and the gradients of the logits are rounded to
+the inputs' dtype for their matmuls, as flash attention does. On platforms other than CUDA the same kernels run
+in Pallas's interpret mode (slow; it is what the tests check on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+# One tile of keys per program: the logits of a query block are block_q × (keys rounded up to a power of 2), fp32
+# in registers. Past this, use cuDNN's or XLA's attention.
+MAX_KEYS = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """Query block sizes and warps per program of the two kernels (``launch/benchmark_gpu.sh``'s attention part
+  times alternatives). The backward program also holds dk and dv for all its keys, hence its smaller blocks.
+  ``heads_per_program``: a forward program takes this many heads one after the other (a loop whose next loads
+  Triton can issue while the current head computes) instead of one."""
+
+  block_q: int = 64
+  warps: int = 4
+  block_q_backward: int = 16  # 178 registers per thread on an H100, none spilled (BENCHMARKS.md); 32: 254
+  warps_backward: int = 8
+  heads_per_program: int = 1
+
+  def __post_init__(self):
+    for field in ("block_q", "block_q_backward"):
+      size = getattr(self, field)
+      if size < 16 or size & (size - 1):
+        raise ValueError(f"{field} must be a power of 2 from 16 on, got {size}")
+    if self.heads_per_program < 1:
+      raise ValueError(f"heads_per_program must be at least 1, got {self.heads_per_program}")
+
+
+def key_tile(keys: int) -> int:
+  """The keys of one program, padded to what a Triton tile can hold."""
+  return max(16, pl.next_power_of_2(keys))
+
+
+def _rows(ref, valid: jax.Array) -> jax.Array:
+  """ref's rows, zero where ``valid`` [rows] is False (past the end of the array)."""
+  return plt.load(ref, mask=valid[:, None], other=0)
+
+
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+  """a·b contracting a's axis ``contract[0]`` with b's ``contract[1]``, accumulated in fp32."""
+  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, *, queries: int, keys: int, num_keys: int):
+  block_q, heads, tile = q_ref.shape[0], q_ref.shape[1], k_ref.shape[0]
+  query_valid = pl.program_id(0) * block_q + jnp.arange(block_q) < queries
+  key_valid = jnp.arange(tile) < keys
+
+  def one_head(n, carry):
+    q = _rows(q_ref.at[:, n, :], query_valid)
+    v = _rows(v_ref.at[:, n, :], key_valid)
+    logits = _dot(q, _rows(k_ref.at[:, n, :], key_valid), (1, 1)) * (q.shape[-1] ** -0.5)
+    logits = jnp.where((jnp.arange(tile) < num_keys)[None, :], logits, -jnp.inf)
+    peak = jnp.max(logits, axis=1)
+    p = jnp.exp(logits - peak[:, None])
+    total = jnp.sum(p, axis=1)
+    out = _dot(p.astype(v.dtype), v, (1, 0)) / total[:, None]
+    plt.store(out_ref.at[:, n, :], out.astype(out_ref.dtype), mask=query_valid[:, None])
+    lse_ref[n, :] = peak + jnp.log(total)
+    return carry
+
+  if heads == 1:
+    one_head(jnp.int32(0), None)
+  else:
+    jax.lax.fori_loop(0, heads, one_head, None)
+
+
+def _backward_kernel(q_ref, k_ref, v_ref, out_ref, dout_ref, lse_ref, dq_ref, dk_ref, dv_ref, *, queries: int,
+                     keys: int, num_keys: int, block_q: int):
+  tile, head = k_ref.shape
+  scale = head ** -0.5
+  key_valid = jnp.arange(tile) < keys
+  counted = (jnp.arange(tile) < num_keys)[:, None]
+  k, v = _rows(k_ref, key_valid), _rows(v_ref, key_valid)
+
+  def query_block(j, grads):  # keys on the rows of every product: the large dimension, what the MMA tiles want
+    dk, dv = grads
+    start = pl.multiple_of(j * block_q, block_q)
+    rows = pl.ds(start, block_q)
+    valid = start + jnp.arange(block_q) < queries
+    q, out, dout = (_rows(ref.at[rows, :], valid) for ref in (q_ref, out_ref, dout_ref))
+    lse = plt.load(lse_ref.at[rows], mask=valid, other=jnp.inf)  # p = 0 on rows past the end
+    p_t = jnp.where(counted, jnp.exp(_dot(k, q, (1, 1)) * scale - lse[None, :]), 0.0)  # pᵀ [keys, queries]
+    dv = dv + _dot(p_t.astype(dout.dtype), dout, (1, 0))
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=1)  # Σ_j p_ij dp_ij
+    dlogits_t = (p_t * (_dot(v, dout, (1, 1)) - delta[None, :])).astype(q.dtype)
+    dk = dk + _dot(dlogits_t, q, (1, 0))
+    plt.store(dq_ref.at[rows, :], (_dot(dlogits_t, k, (0, 0)) * scale).astype(dq_ref.dtype), mask=valid[:, None])
+    return dk, dv
+
+  zeros = jnp.zeros((tile, head), jnp.float32)
+  dk, dv = jax.lax.fori_loop(0, pl.cdiv(queries, block_q), query_block, (zeros, zeros))
+  plt.store(dk_ref, (dk * scale).astype(dk_ref.dtype), mask=key_valid[:, None])
+  plt.store(dv_ref, dv.astype(dv_ref.dtype), mask=key_valid[:, None])
+
+
+def _per_platform(fn):
+  """``fn(*args, interpret=False)`` where the program is lowered for CUDA, ``interpret=True`` elsewhere."""
+  return lambda *args: jax.lax.platform_dependent(*args, cuda=functools.partial(fn, interpret=False),
+                                                  default=functools.partial(fn, interpret=True))
+
+
+def _token_spec(rows: int, heads: int, head: int, by_block: bool) -> pl.BlockSpec:
+  """[B, T, N, H] seen by a program: ``rows`` tokens of ``heads`` heads, from the program's query block
+  (``by_block``, grid (query block, head group, example)) or from token 0 (grid (head group, example) or the
+  forward's)."""
+  if by_block:
+    return pl.BlockSpec((None, rows, heads, head), lambda i, n, b: (b, i, n, 0))
+  return pl.BlockSpec((None, rows, heads, head), lambda *grid: (grid[-1], 0, grid[-2], 0))
+
+
+def _forward(q, k, v, num_keys: int, tiling: Tiling, interpret: bool):
+  batch, queries, heads, head = q.shape
+  blocks, group = pl.cdiv(queries, tiling.block_q), tiling.heads_per_program
+  if heads % group:
+    raise ValueError(f"heads_per_program {group} does not divide the {heads} heads")
+  kernel = functools.partial(_forward_kernel, queries=queries, keys=k.shape[1], num_keys=num_keys)
+  query_spec = _token_spec(tiling.block_q, group, head, by_block=True)
+  key_spec = _token_spec(key_tile(k.shape[1]), group, head, by_block=False)
+  return pl.pallas_call(
+      kernel, grid=(blocks, heads // group, batch), in_specs=[query_spec, key_spec, key_spec],
+      out_specs=[query_spec, pl.BlockSpec((None, group, tiling.block_q), lambda i, n, b: (b, n, i))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, heads, blocks * tiling.block_q), jnp.float32)],
+      compiler_params=plt.CompilerParams(num_warps=tiling.warps, num_stages=1 if group == 1 else 2),
+      interpret=interpret, name="short_attention_forward")(q, k, v)
+
+
+def _backward(q, k, v, out, lse, dout, num_keys: int, tiling: Tiling, interpret: bool):
+  batch, queries, heads, head = q.shape
+  block_q = tiling.block_q_backward
+  rows = pl.cdiv(queries, block_q) * block_q
+  query_spec, key_spec = _token_spec(rows, None, head, by_block=False), _token_spec(key_tile(k.shape[1]), None, head,
+                                                                                    by_block=False)
+  kernel = functools.partial(_backward_kernel, queries=queries, keys=k.shape[1], num_keys=num_keys, block_q=block_q)
+  return pl.pallas_call(
+      kernel, grid=(heads, batch),
+      in_specs=[query_spec, key_spec, key_spec, query_spec, query_spec,
+                pl.BlockSpec((None, None, rows), lambda n, b: (b, n, 0))],
+      out_specs=[query_spec, key_spec, key_spec],
+      out_shape=[jax.ShapeDtypeStruct(t.shape, t.dtype) for t in (q, k, v)],
+      compiler_params=plt.CompilerParams(num_warps=tiling.warps_backward, num_stages=2), interpret=interpret,
+      name="short_attention_backward")(q, k, v, out, dout, lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _attention(q, k, v, num_keys: int, tiling: Tiling):
+  return _per_platform(functools.partial(_forward, num_keys=num_keys, tiling=tiling))(q, k, v)[0]
+
+
+def _attention_fwd(q, k, v, num_keys, tiling):
+  out, lse = _per_platform(functools.partial(_forward, num_keys=num_keys, tiling=tiling))(q, k, v)
+  return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(num_keys, tiling, residuals, dout):
+  return _per_platform(functools.partial(_backward, num_keys=num_keys, tiling=tiling))(*residuals, dout)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def short_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_keys: "int | None" = None,
+                    tiling: Tiling = Tiling()) -> jax.Array:
+  """Softmax attention of q [B, Tq, N, H] over k, v [B, Tk, N, H] → [B, Tq, N, H], scale H^-½; only the first
+  ``num_keys`` keys count (default: all). Differentiable in q, k and v."""
+  if q.ndim != 4 or k.shape != v.shape or q.shape[::2] != k.shape[::2] or q.shape[3] != k.shape[3]:
+    raise ValueError(f"short_attention takes q [B, Tq, N, H] and k, v [B, Tk, N, H]; got {q.shape}, {k.shape}, "
+                     f"{v.shape}")
+  head, keys = q.shape[3], k.shape[1]
+  if head < 16 or head & (head - 1):
+    raise ValueError(f"short_attention needs a head dim that is a power of 2 from 16 on, got {head}")
+  if keys > MAX_KEYS:
+    raise ValueError(f"short_attention holds at most {MAX_KEYS} keys in a tile, got {keys}: use 'cudnn' or 'xla'")
+  num_keys = keys if num_keys is None else num_keys
+  if not 1 <= num_keys <= keys:
+    raise ValueError(f"num_keys must be in [1, {keys}], got {num_keys}")
+  return _attention(q, k, v, num_keys, tiling)

@@ -1,0 +1,100 @@
+"""The Pallas short-sequence attention (models/short_attention.py), run in Pallas's interpret mode on CPU: values
+and gradients against the plain XLA attention, key masking, and the shapes it refuses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efficientsam_jax.models.layers import Kernels, attention
+from efficientsam_jax.models.sami import CrossAttentionBlock
+from efficientsam_jax.models.sam_vit import SamAttention
+from efficientsam_jax.models.short_attention import Tiling, short_attention
+
+SMALL_BLOCKS = Tiling(block_q=16, warps=4, block_q_backward=16, warps_backward=4)
+
+
+def _inputs(queries, keys, heads=3, head=16, batch=2, dtype=jnp.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  draw = lambda tokens: jnp.asarray(rng.normal(size=(batch, tokens, heads, head)), dtype)
+  return draw(queries), draw(keys), draw(keys), draw(queries)
+
+
+def _values_and_grads(fn, q, k, v, weights):
+  """fn(q, k, v), and the gradients of Σ fn(q, k, v)·weights in fp32."""
+  loss = lambda *qkv: jnp.sum(fn(*qkv).astype(jnp.float32) * weights.astype(jnp.float32))
+  return fn(q, k, v), jax.grad(loss, (0, 1, 2))(q, k, v)
+
+
+@pytest.mark.parametrize("queries, keys, num_keys, tiling", [
+    (37, 50, None, SMALL_BLOCKS),  # three query blocks, the last one partial; keys padded to a tile of 64
+    (37, 50, 41, SMALL_BLOCKS),  # keys from 41 on are padding
+    (37, 50, None, Tiling(16, 4, 32, 4)),  # the backward's query blocks reach past the forward's
+    (37, 50, 41, Tiling(16, 4, 16, 4, heads_per_program=3)),  # a forward program loops over all 3 heads
+    (32, 16, None, SMALL_BLOCKS),  # whole blocks, no padding anywhere
+    (5, 3, 2, Tiling()),  # fewer tokens than one block or one tile; the default tiling
+])
+def test_values_and_gradients_are_xlas_attention(queries, keys, num_keys, tiling):
+  q, k, v, weights = _inputs(queries, keys)
+  ours, our_grads = _values_and_grads(lambda *a: short_attention(*a, num_keys, tiling), q, k, v, weights)
+  ref, ref_grads = _values_and_grads(lambda *a: attention(*a, "xla", num_keys), q, k, v, weights)
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-6)
+  for name, got, want in zip("qkv", our_grads, ref_grads):
+    np.testing.assert_allclose(got, want, rtol=0, atol=5e-6 * float(jnp.abs(want).max()), err_msg=f"d{name}")
+  if num_keys is not None:  # the padding keys get no gradient, whatever their values
+    for grad in our_grads[1:]:
+      assert float(jnp.abs(grad[:, num_keys:]).max()) == 0.0
+    moved = k.at[:, num_keys:].set(100.0), v.at[:, num_keys:].set(-100.0)
+    np.testing.assert_array_equal(short_attention(q, *moved, num_keys, tiling), ours)
+
+
+def test_bf16_inputs_keep_fp32_softmax():
+  """bf16 q, k, v: close to the fp32 attention of the same (rounded) inputs, at bf16's resolution."""
+  q, k, v, weights = _inputs(40, 29, heads=2, head=32, dtype=jnp.bfloat16, seed=1)
+  ours, our_grads = _values_and_grads(lambda *a: short_attention(*a, tiling=SMALL_BLOCKS), q, k, v, weights)
+  wide = [t.astype(jnp.float32) for t in (q, k, v)]
+  ref, ref_grads = _values_and_grads(lambda *a: attention(*a, "xla"), *wide, weights)
+  assert ours.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in our_grads)
+  np.testing.assert_allclose(ours.astype(jnp.float32), ref, rtol=0, atol=2e-2 * float(jnp.abs(ref).max()))
+  for got, want in zip(our_grads, ref_grads):
+    np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0, atol=3e-2 * float(jnp.abs(want).max()))
+
+
+def test_decoder_block_with_pallas_attention_is_the_xla_block():
+  """SAMI's cross-attention block, same parameters: the "pallas" kernels give the "xla" block's output and
+  parameter gradients (layers.Kernels routes every ``attend`` through them)."""
+  rng = np.random.default_rng(2)
+  queries = jnp.asarray(rng.normal(size=(2, 21, 64)), jnp.float32)
+  context = jnp.asarray(rng.normal(size=(2, 7, 64)), jnp.float32)
+  blocks = {name: CrossAttentionBlock(num_heads=4, kernels=Kernels(attention=name)) for name in ("xla", "pallas")}
+  params = blocks["xla"].init(jax.random.PRNGKey(0), queries, context)
+  results = {}
+  for name, block in blocks.items():
+    loss = lambda p: jnp.sum(jnp.sin(block.apply(p, queries, context)))
+    results[name] = (block.apply(params, queries, context), jax.grad(loss)(params))
+  np.testing.assert_allclose(results["pallas"][0], results["xla"][0], rtol=0, atol=1e-5)
+  # The key bias's gradient is zero up to rounding (it shifts a query's logits all alike): one scale for all.
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(results["xla"][1]))
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(results["pallas"][1]),
+                               jax.tree_util.tree_leaves(results["xla"][1])):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+def test_shapes_it_cannot_hold_are_refused():
+  q, k, v, _ = _inputs(8, 8)
+  with pytest.raises(ValueError, match="power of 2"):
+    short_attention(q[..., :12], k[..., :12], v[..., :12])
+  with pytest.raises(ValueError, match="at most 512 keys"):
+    long = jnp.zeros((2, 513, 3, 16))
+    short_attention(q, long, long)
+  with pytest.raises(ValueError, match="num_keys"):
+    short_attention(q, k, v, num_keys=0)
+  with pytest.raises(ValueError, match=r"\[B, Tq, N, H\]"):
+    short_attention(q, k[:, :, :2], v[:, :, :2])
+  with pytest.raises(ValueError, match="power of 2"):
+    Tiling(block_q=48)
+  with pytest.raises(ValueError, match="does not divide"):
+    short_attention(q, k, v, tiling=Tiling(heads_per_program=2))
+  with pytest.raises(ValueError, match="relative positions"):
+    x = jnp.zeros((1, 4, 4, 32))
+    SamAttention(num_heads=2, rel_pos_size=4, attention="pallas").init(jax.random.PRNGKey(0), x)
