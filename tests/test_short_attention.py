@@ -5,11 +5,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from efficientsam_jax.models.layers import Kernels, attention
 from efficientsam_jax.models.sami import CrossAttentionBlock
 from efficientsam_jax.models.sam_vit import SamAttention
 from efficientsam_jax.models.short_attention import Tiling, short_attention
+from efficientsam_jax.train.sharding import make_mesh
 
 SMALL_BLOCKS = Tiling(block_q=16, warps=4, block_q_backward=16, warps_backward=4)
 
@@ -46,6 +49,22 @@ def test_values_and_gradients_are_xlas_attention(queries, keys, num_keys, tiling
       assert float(jnp.abs(grad[:, num_keys:]).max()) == 0.0
     moved = k.at[:, num_keys:].set(100.0), v.at[:, num_keys:].set(-100.0)
     np.testing.assert_array_equal(short_attention(q, *moved, num_keys, tiling), ours)
+
+
+def test_split_over_examples_and_heads_without_collectives():
+  """Under a mesh (data × model over 8 devices) each device runs the kernels on its own examples and heads: the
+  values and gradients of the unsplit call, the outputs split as the inputs, and no collective in the program."""
+  mesh = make_mesh({"data": 4, "model": 2})
+  split = NamedSharding(mesh, P("data", None, "model", None))
+  q, k, v, weights = _inputs(37, 50, heads=4, batch=8)
+  fn = lambda *args: _values_and_grads(lambda *a: short_attention(*a, 41, SMALL_BLOCKS), *args)
+  step = jax.jit(fn, in_shardings=(split,) * 4)
+  got, want = step(q, k, v, weights), fn(q, k, v, weights)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert a.sharding.is_equivalent_to(split, 4)
+  program = step.lower(q, k, v, weights).compile().as_text()
+  assert not any(op in program for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"))
 
 
 def test_bf16_inputs_keep_fp32_softmax():

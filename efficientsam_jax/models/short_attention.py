@@ -14,8 +14,10 @@ of its (example, head) at once:
 
 Layout [B, T, N, H] (tokens, heads, head dim) as ``layers.attention``; H a power of 2 from 16 on, at most
 ``MAX_KEYS`` keys. Logits, softmax and accumulators are fp32; p and the gradients of the logits are rounded to
-the inputs' dtype for their matmuls, as flash attention does. On platforms other than CUDA the same kernels run
-in Pallas's interpret mode (slow; it is what the tests check on CPU).
+the inputs' dtype for their matmuls, as flash attention does. Under a mesh the kernels split over examples and
+heads as their inputs are (``custom_partitioning``), so data-parallel and FSDP steps run them on each device's
+share with no collectives. On platforms other than CUDA the same kernels run in Pallas's interpret mode (slow;
+it is what the tests check on CPU).
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plt
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # One tile of keys per program: the logits of a query block are block_q × (keys rounded up to a power of 2), fp32
 # in registers. Past this, use cuDNN's or XLA's attention.
@@ -172,18 +177,52 @@ def _backward(q, k, v, out, lse, dout, num_keys: int, tiling: Tiling, interpret:
       name="short_attention_backward")(q, k, v, out, dout, lse)
 
 
+# Each kernel's arrays, einsum-like: b examples, n heads (both may be split over devices), q and k tokens, h channels
+# and l the log-sum-exp's query rows (each kernel needs them whole).
+_LAYOUTS = {
+    "forward": ("b q n h, b k n h, b k n h", "b q n h, b n l"),
+    "backward": ("b q n h, b k n h, b k n h, b q n h, b n l, b q n h", "b q n h, b k n h, b k n h"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(kind: str, num_keys: int, tiling: Tiling):
+  """The "forward" or "backward" kernel, partitioned over examples and heads: under a mesh each device runs it on
+  its own examples and heads, with no collectives (a Pallas call alone would be given every example: XLA
+  cannot see into it, so it gathers its operands)."""
+  run = _per_platform(functools.partial(_forward if kind == "forward" else _backward, num_keys=num_keys,
+                                        tiling=tiling))
+  inputs, outputs = _LAYOUTS[kind]
+
+  def shardings(mesh, layouts: str, q_sharding) -> tuple:
+    examples, _, heads, _ = (*q_sharding.spec, None, None, None, None)[:4]
+    return tuple(NamedSharding(mesh, P(examples, None, heads, None) if len(layout.split()) == 4
+                               else P(examples, heads, None)) for layout in layouts.split(", "))
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    q_sharding = arg_shapes[0].sharding
+    return mesh, run, shardings(mesh, outputs, q_sharding), shardings(mesh, inputs, q_sharding)
+
+  partitioned = custom_partitioning(run)
+  partitioned.def_partition(
+      partition, infer_sharding_from_operands=lambda mesh, args, _: shardings(mesh, outputs, args[0].sharding),
+      sharding_rule=f"{inputs} -> {outputs}", need_replication_factors=("q", "h", "k", "l"))  # in order of use
+  return partitioned
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _attention(q, k, v, num_keys: int, tiling: Tiling):
-  return _per_platform(functools.partial(_forward, num_keys=num_keys, tiling=tiling))(q, k, v)[0]
+  return _kernel("forward", num_keys, tiling)(q, k, v)[0]
 
 
 def _attention_fwd(q, k, v, num_keys, tiling):
-  out, lse = _per_platform(functools.partial(_forward, num_keys=num_keys, tiling=tiling))(q, k, v)
+  out, lse = _kernel("forward", num_keys, tiling)(q, k, v)
   return out, (q, k, v, out, lse)
 
 
 def _attention_bwd(num_keys, tiling, residuals, dout):
-  return _per_platform(functools.partial(_backward, num_keys=num_keys, tiling=tiling))(*residuals, dout)
+  return _kernel("backward", num_keys, tiling)(*residuals, dout)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
