@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from efficientsam_jax.models.layers import Kernels
 from efficientsam_jax.models.sami import SamiConfig, SamiModel
 from efficientsam_jax.train import sharding
 from efficientsam_jax.train.optim import make_optimizer
@@ -24,8 +25,8 @@ def _batch(step, batch_size=8):
           "targets": rng.normal(size=(batch_size, 16, 16)).astype(np.float32)}
 
 
-def _run(mesh, steps=3, batch_size=8, microbatches=1):
-  model = SamiModel(TINY)
+def _run(mesh, steps=3, batch_size=8, microbatches=1, kernels=Kernels()):
+  model = SamiModel(TINY, kernels=kernels)
   tx, schedule = make_optimizer({
       "optimizer": {"b1": 0.9, "b2": 0.95, "weight_decay": 0.05, "grad_clip_norm": 1.0},
       "lr": {"base_lr": 1.5e-4, "warmup_steps": 1, "schedule": "cosine"},
@@ -55,6 +56,14 @@ def test_data_fsdp_mesh_matches_one_device():
   assert kernel.addressable_shards[0].data.shape[1] == 256 // 4
   moments = jax.tree_util.tree_leaves(state.opt_state)
   assert any("fsdp" in getattr(m.sharding, "spec", ()) for m in moments)
+
+
+def test_pallas_attention_on_the_mesh_gives_the_xla_losses():
+  """The Pallas attention kernels (interpret mode here) in the data × FSDP step, split over the mesh with the
+  batch: the losses of the one-device step with XLA's attention."""
+  _, xla = _run(sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1]))
+  _, pallas = _run(sharding.make_mesh({"data": 2, "fsdp": 4}), kernels=Kernels(attention="pallas"))
+  np.testing.assert_allclose(pallas, xla, rtol=2e-5)
 
 
 def test_abstract_state_compiles_the_step_that_runs_the_real_one():
