@@ -1,5 +1,5 @@
 """The Pallas short-sequence attention (models/short_attention.py), run in Pallas's interpret mode on CPU: values
-and gradients against the plain XLA attention, key masking, and the shapes it refuses."""
+and gradients against the plain XLA attention, key masking, the split over a mesh, and the shapes it refuses."""
 
 import jax
 import jax.numpy as jnp
