@@ -7,8 +7,8 @@
 # teacher finetune sami_input sami_smoke inference everything. Each part runs under its own time limit so one slow
 # part cannot starve the rest: the SAMI decoder's attention alone (cuDNN, XLA, and the Pallas short_attention
 # kernels under several tilings, models/short_attention.py Tiling: ms, TFLOP/s, error against fp32); the ViT-S
-# step with the Pallas attention beside cuDNN's, then its top device ops; the top device ops (HLO instructions) of the ViT-S step with the SAMI
-# configs' kernels (attention "auto" = cuDNN on the GPU) (--profile); ViT-S with other
+# step with the Pallas attention beside cuDNN's, then its top device ops; the top device ops (HLO instructions)
+# of the ViT-S step with the SAMI configs' kernels (attention "auto" = cuDNN on the GPU) (--profile); ViT-S with other
 # attention/LayerNorm/GELU choices side by side (models/layers.py Kernels); ViT-S under XLA
 # compiler options (XLA_FLAGS: cuBLASLt epilogues, Triton and cuDNN GEMM fusions; one process each, the
 # first without any as the baseline); the SAMI train step per student size (img/s, MFU; bf16, batch
@@ -17,10 +17,10 @@
 # 8 images × 64 masks per device, XLA and cuDNN attention); the SAMI input pipeline; the README's SAMI
 # smoke job end to end; the inference benchmark (XLA and cuDNN attention); segment-everything against
 # the notebook's approach.
-# All parts together take ~51 min, more than one session's device time (15 min, machine start ~30 s
+# All parts together take ~52 min, more than one session's device time (15 min, machine start ~30 s
 # included). One process per part costs ~90 s before its first row on an H200 (start, init, a ~40 s compile),
 # each further row ~60 s; the limits below are sized on that. Most informative first, one call per line:
-# "attention sami_pallas" (≤ 8 min), "sami_profile sami" (≤ 6.7 min), "sami_kernels teacher" (≤ 7.8 min),
+# "attention sami_pallas" (≤ 8.5 min), "sami_profile sami" (≤ 6.7 min), "sami_kernels teacher" (≤ 7.8 min),
 # "sami_flags" (≤ 9.2 min), "sami_options" (≤ 6 min), "finetune" (≤ 5 min), then the rest. sami_profile leaves
 # the step's top ops (top_ops_sami_s.json) and its whole trace (trace_sami_s.json.gz: every kernel with its
 # duration and grid) in OUTDIR.
@@ -49,9 +49,9 @@ run() {  # run NAME SECONDS COMMAND...
 bench="python3 -m efficientsam_jax.train.benchmark"
 for part in $parts; do
   case $part in
-    attention) run attention 150 $bench attention --implementations cudnn,xla,pallas --steps 20 --repeats 3 \
-      --tilings "64,4,16,8;32,4,16,8;128,8,16,8;64,4,32,8;64,4,16,8,2;64,4,16,8,4;32,4,16,8,4;64,8,16,8,4" \
-      --json "$out/attention.json" ;;
+    attention) run attention 180 $bench attention --implementations cudnn,xla,pallas --steps 20 --repeats 3 \
+      --tilings "64,4,16,8;32,4,16,8;128,8,16,8;64,4,32,8;64,4,16,8,2;64,4,16,8,4;32,4,16,8,4;64,8,16,8,4;\
+64,4,16,8,1,2;64,4,32,8,1,4" --json "$out/attention.json" ;;
     sami_pallas)
       run sami_pallas 200 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
         --kernels "attention=cudnn,layer_norm=one_pass;attention=pallas,layer_norm=one_pass" \

@@ -34,6 +34,7 @@ def _values_and_grads(fn, q, k, v, weights):
     (37, 50, 41, SMALL_BLOCKS),  # keys from 41 on are padding
     (37, 50, None, Tiling(16, 4, 32, 4)),  # the backward's query blocks reach past the forward's
     (37, 50, 41, Tiling(16, 4, 16, 4, heads_per_program=3)),  # a forward program loops over all 3 heads
+    (37, 50, 41, Tiling(16, 4, 16, 4, key_blocks_backward=4)),  # 16 keys per backward program: partial dq summed
     (32, 16, None, SMALL_BLOCKS),  # whole blocks, no padding anywhere
     (5, 3, 2, Tiling()),  # fewer tokens than one block or one tile; the default tiling
 ])
@@ -114,6 +115,8 @@ def test_shapes_it_cannot_hold_are_refused():
     Tiling(block_q=48)
   with pytest.raises(ValueError, match="does not divide"):
     short_attention(q, k, v, tiling=Tiling(heads_per_program=2))
+  with pytest.raises(ValueError, match="fewer than a tile's 16"):  # 8 keys: a tile of 16, split in 2
+    jax.grad(lambda q: short_attention(q, k, v, tiling=Tiling(key_blocks_backward=2)).sum())(q)
   with pytest.raises(ValueError, match="relative positions"):
     x = jnp.zeros((1, 4, 4, 32))
     SamAttention(num_heads=2, rel_pos_size=4, attention="pallas").init(jax.random.PRNGKey(0), x)

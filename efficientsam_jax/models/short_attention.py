@@ -43,13 +43,16 @@ class Tiling:
   """Query block sizes and warps per program of the two kernels (``launch/benchmark_gpu.sh``'s attention part
   times alternatives). The backward program also holds dk and dv for all its keys, hence its smaller blocks.
   ``heads_per_program``: a forward program takes this many heads one after the other (a loop whose next loads
-  Triton can issue while the current head computes) instead of one."""
+  Triton can issue while the current head computes) instead of one. ``key_blocks_backward``: the backward splits
+  each head's keys over this many programs (each holds fewer keys' dk and dv, so more programs fit on an SM), which
+  then each write a partial dq, summed after the kernel."""
 
   block_q: int = 64
   warps: int = 4
   block_q_backward: int = 16  # 178 registers per thread on an H100, none spilled (BENCHMARKS.md); 32: 254
   warps_backward: int = 8
   heads_per_program: int = 1
+  key_blocks_backward: int = 1
 
   def __post_init__(self):
     for field in ("block_q", "block_q_backward"):
@@ -58,6 +61,8 @@ class Tiling:
         raise ValueError(f"{field} must be a power of 2 from 16 on, got {size}")
     if self.heads_per_program < 1:
       raise ValueError(f"heads_per_program must be at least 1, got {self.heads_per_program}")
+    if self.key_blocks_backward < 1 or self.key_blocks_backward & (self.key_blocks_backward - 1):
+      raise ValueError(f"key_blocks_backward must be a power of 2, got {self.key_blocks_backward}")
 
 
 def key_tile(keys: int) -> int:
@@ -101,10 +106,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, *, queries: int, keys
 
 def _backward_kernel(q_ref, k_ref, v_ref, out_ref, dout_ref, lse_ref, dq_ref, dk_ref, dv_ref, *, queries: int,
                      keys: int, num_keys: int, block_q: int):
-  tile, head = k_ref.shape
+  tile, head = k_ref.shape  # this program's keys: block program_id(0) of the head's
   scale = head ** -0.5
-  key_valid = jnp.arange(tile) < keys
-  counted = (jnp.arange(tile) < num_keys)[:, None]
+  key_index = pl.program_id(0) * tile + jnp.arange(tile)
+  key_valid = key_index < keys
+  counted = (key_index < num_keys)[:, None]
   k, v = _rows(k_ref, key_valid), _rows(v_ref, key_valid)
 
   def query_block(j, grads):  # keys on the rows of every product: the large dimension, what the MMA tiles want
@@ -135,12 +141,11 @@ def _per_platform(fn):
 
 
 def _token_spec(rows: int, heads: int, head: int, by_block: bool) -> pl.BlockSpec:
-  """[B, T, N, H] seen by a program: ``rows`` tokens of ``heads`` heads, from the program's query block
-  (``by_block``, grid (query block, head group, example)) or from token 0 (grid (head group, example) or the
-  forward's)."""
+  """[B, T, N, H] seen by a forward program (grid (query block, head group, example)): ``rows`` tokens of ``heads``
+  heads, from the program's query block (``by_block``) or from token 0."""
   if by_block:
     return pl.BlockSpec((None, rows, heads, head), lambda i, n, b: (b, i, n, 0))
-  return pl.BlockSpec((None, rows, heads, head), lambda *grid: (grid[-1], 0, grid[-2], 0))
+  return pl.BlockSpec((None, rows, heads, head), lambda i, n, b: (b, 0, n, 0))
 
 
 def _forward(q, k, v, num_keys: int, tiling: Tiling, interpret: bool):
@@ -162,19 +167,27 @@ def _forward(q, k, v, num_keys: int, tiling: Tiling, interpret: bool):
 
 def _backward(q, k, v, out, lse, dout, num_keys: int, tiling: Tiling, interpret: bool):
   batch, queries, heads, head = q.shape
-  block_q = tiling.block_q_backward
-  rows = pl.cdiv(queries, block_q) * block_q
-  query_spec, key_spec = _token_spec(rows, None, head, by_block=False), _token_spec(key_tile(k.shape[1]), None, head,
-                                                                                    by_block=False)
+  block_q, key_blocks = tiling.block_q_backward, tiling.key_blocks_backward
+  rows, key_block = pl.cdiv(queries, block_q) * block_q, key_tile(k.shape[1]) // key_blocks
+  if key_block < 16:
+    raise ValueError(f"key_blocks_backward {key_blocks} leaves {key_block} keys per program, fewer than a tile's 16")
+  query_spec = pl.BlockSpec((None, rows, None, head), lambda j, n, b: (b, 0, n, 0))
+  key_spec = pl.BlockSpec((None, key_block, None, head), lambda j, n, b: (b, j, n, 0))
+  if key_blocks == 1:  # dq complete in one program
+    dq_spec, dq_shape = query_spec, jax.ShapeDtypeStruct(q.shape, q.dtype)
+  else:  # one partial dq per key block, in fp32
+    dq_spec = pl.BlockSpec((None, None, rows, None, head), lambda j, n, b: (j, b, 0, n, 0))
+    dq_shape = jax.ShapeDtypeStruct((key_blocks, *q.shape), jnp.float32)
   kernel = functools.partial(_backward_kernel, queries=queries, keys=k.shape[1], num_keys=num_keys, block_q=block_q)
-  return pl.pallas_call(
-      kernel, grid=(heads, batch),
+  dq, dk, dv = pl.pallas_call(
+      kernel, grid=(key_blocks, heads, batch),
       in_specs=[query_spec, key_spec, key_spec, query_spec, query_spec,
-                pl.BlockSpec((None, None, rows), lambda n, b: (b, n, 0))],
-      out_specs=[query_spec, key_spec, key_spec],
-      out_shape=[jax.ShapeDtypeStruct(t.shape, t.dtype) for t in (q, k, v)],
+                pl.BlockSpec((None, None, rows), lambda j, n, b: (b, n, 0))],
+      out_specs=[dq_spec, key_spec, key_spec],
+      out_shape=[dq_shape, jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=plt.CompilerParams(num_warps=tiling.warps_backward, num_stages=2), interpret=interpret,
       name="short_attention_backward")(q, k, v, out, dout, lse)
+  return (dq if key_blocks == 1 else dq.sum(0).astype(q.dtype)), dk, dv
 
 
 # Each kernel's arrays, einsum-like: b examples, n heads (both may be split over devices), q and k tokens, h channels

@@ -562,18 +562,18 @@ def bench_sami_input(args) -> list[dict]:
 
 
 def parse_tilings(text: str) -> list[Tiling]:
-  """``"64,4,16,8;32,4,16,8,2"`` → Tilings (block_q, warps, block_q_backward, warps_backward[, heads_per_program]
-  each)."""
+  """``"64,4,16,8;32,4,16,8,2,2"`` → Tilings: block_q, warps, block_q_backward, warps_backward[, heads_per_program[,
+  key_blocks_backward]] each."""
   tilings = []
   for item in text.split(";"):
     try:
       values = [int(v) for v in item.split(",")]
-      if len(values) not in (4, 5):
+      if not 4 <= len(values) <= 6:
         raise ValueError(f"{len(values)} numbers")
       tilings.append(Tiling(*values))
     except ValueError as e:
       raise argparse.ArgumentTypeError(f"tiling {item!r}: expected block_q,warps,block_q_backward,warps_backward"
-                                       f"[,heads_per_program]: {e}") from e
+                                       f"[,heads_per_program[,key_blocks_backward]]: {e}") from e
   return tilings
 
 
@@ -678,8 +678,8 @@ def _parse_args(argv):
   attend = sub.add_parser("attention", parents=[common])
   attend.add_argument("--implementations", type=lambda s: s.split(","), default=["xla", "cudnn", "pallas"])
   attend.add_argument("--tilings", type=parse_tilings, default=[Tiling()],
-                      help="pallas: block_q,warps,block_q_backward,warps_backward[,heads_per_program] sets "
-                      "separated by ';'")
+                      help="pallas: block_q,warps,block_q_backward,warps_backward[,heads_per_program"
+                      "[,key_blocks_backward]] sets separated by ';'")
   attend.add_argument("--batch", type=int, default=256)
   attend.add_argument("--queries", type=int, default=147)
   attend.add_argument("--keys", type=int, default=196)
