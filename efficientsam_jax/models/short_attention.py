@@ -8,9 +8,9 @@ of its (example, head) at once:
 
 * forward, one program per (example, head or group of heads, block of queries): q·kᵀ for the whole row, the
   softmax in one pass, p·v, and the row's log-sum-exp for the backward pass;
-* backward, one program per (example, head): k and v stay loaded, dk and dv accumulate in registers while the
-  program walks the query blocks (keys on the rows of every product), and each block's dq is complete when
-  written (no atomics, no second kernel).
+* backward, one program per (example, head) by default: k and v stay loaded, dk and dv accumulate in registers
+  while the program walks the query blocks (keys on the rows of every product), and each block's dq is complete
+  when written (no atomics, no second kernel); or the keys split over a few programs, each writing a partial dq.
 
 Layout [B, T, N, H] (tokens, heads, head dim) as ``layers.attention``; H a power of 2 from 16 on, at most
 ``MAX_KEYS`` keys. Logits, softmax and accumulators are fp32; p and the gradients of the logits are rounded to
@@ -49,7 +49,7 @@ class Tiling:
 
   block_q: int = 64
   warps: int = 4
-  block_q_backward: int = 16  # 178 registers per thread on an H100, none spilled (BENCHMARKS.md); 32: 254
+  block_q_backward: int = 16  # 182 registers per thread on an H100, none spilled (BENCHMARKS.md); 32: 254
   warps_backward: int = 8
   heads_per_program: int = 1
   key_blocks_backward: int = 1
