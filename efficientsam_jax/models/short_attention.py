@@ -140,22 +140,15 @@ def _per_platform(fn):
                                                   default=functools.partial(fn, interpret=True))
 
 
-def _token_spec(rows: int, heads: int, head: int, by_block: bool) -> pl.BlockSpec:
-  """[B, T, N, H] seen by a forward program (grid (query block, head group, example)): ``rows`` tokens of ``heads``
-  heads, from the program's query block (``by_block``) or from token 0."""
-  if by_block:
-    return pl.BlockSpec((None, rows, heads, head), lambda i, n, b: (b, i, n, 0))
-  return pl.BlockSpec((None, rows, heads, head), lambda i, n, b: (b, 0, n, 0))
-
-
 def _forward(q, k, v, num_keys: int, tiling: Tiling, interpret: bool):
   batch, queries, heads, head = q.shape
   blocks, group = pl.cdiv(queries, tiling.block_q), tiling.heads_per_program
   if heads % group:
     raise ValueError(f"heads_per_program {group} does not divide the {heads} heads")
   kernel = functools.partial(_forward_kernel, queries=queries, keys=k.shape[1], num_keys=num_keys)
-  query_spec = _token_spec(tiling.block_q, group, head, by_block=True)
-  key_spec = _token_spec(key_tile(k.shape[1]), group, head, by_block=False)
+  # grid (query block, head group, example): the program's query block, every key of its heads
+  query_spec = pl.BlockSpec((None, tiling.block_q, group, head), lambda i, n, b: (b, i, n, 0))
+  key_spec = pl.BlockSpec((None, key_tile(k.shape[1]), group, head), lambda i, n, b: (b, 0, n, 0))
   return pl.pallas_call(
       kernel, grid=(blocks, heads // group, batch), in_specs=[query_spec, key_spec, key_spec],
       out_specs=[query_spec, pl.BlockSpec((None, group, tiling.block_q), lambda i, n, b: (b, n, i))],

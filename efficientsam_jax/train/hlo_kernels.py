@@ -79,15 +79,17 @@ DEVICELESS_COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0}
 DEVICELESS_FALLBACK_OPTIONS = {**DEVICELESS_COMPILER_OPTIONS, "xla_gpu_enable_triton_gemm": False}
 
 
-def compile_deviceless(lowered) -> tuple:
+def compile_deviceless(lowered, **extra) -> tuple:
   """``lowered.compile`` for a GPU that is not attached (``gpu_devices``) → (compiled, the compiler options used:
-  ``DEVICELESS_COMPILER_OPTIONS``, or ``DEVICELESS_FALLBACK_OPTIONS`` where Triton's GEMM tiling failed)."""
+  ``DEVICELESS_COMPILER_OPTIONS``, or ``DEVICELESS_FALLBACK_OPTIONS`` where Triton's GEMM tiling failed; each
+  with the ``extra`` options, e.g. ``xla_dump_to``)."""
+  first, fallback = {**DEVICELESS_COMPILER_OPTIONS, **extra}, {**DEVICELESS_FALLBACK_OPTIONS, **extra}
   try:
-    return lowered.compile(compiler_options=DEVICELESS_COMPILER_OPTIONS), DEVICELESS_COMPILER_OPTIONS
+    return lowered.compile(compiler_options=first), first
   except jax.errors.JaxRuntimeError as e:
     if "tile sizes" not in str(e):
       raise
-  return lowered.compile(compiler_options=DEVICELESS_FALLBACK_OPTIONS), DEVICELESS_FALLBACK_OPTIONS
+  return lowered.compile(compiler_options=fallback), fallback
 
 
 def ptxas_report(text: str) -> dict[str, dict]:
@@ -122,7 +124,7 @@ def triton_kernel_resources(lowered, prefix: str = "", arch: str = "sm_90a") -> 
     raise RuntimeError("no ptxas: it comes with jax's CUDA plugin (pip install \"jax[cuda12]==<jax's version>\")")
   report = {}
   with tempfile.TemporaryDirectory() as dump:
-    compiled = lowered.compile(compiler_options={**DEVICELESS_COMPILER_OPTIONS, "xla_dump_to": dump})
+    compiled, _ = compile_deviceless(lowered, xla_dump_to=dump)
     for ptx in sorted(glob.glob(f"{dump}/*.ptx")):
       with open(ptx) as f:
         names = re.findall(r"\.entry (\w+)\(", f.read())
