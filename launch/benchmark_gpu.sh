@@ -6,10 +6,10 @@
 # PARTS (default: all, in this order): attention sami_pallas sami_profile sami_kernels sami_flags sami sami_options
 # teacher finetune sami_input sami_smoke inference everything. Each part runs under its own time limit so one slow
 # part cannot starve the rest: the SAMI decoder's attention alone (cuDNN, XLA, and the Pallas short_attention
-# kernels under several tilings, models/short_attention.py Tiling: ms, TFLOP/s, error against fp32); the ViT-S
-# step with the Pallas attention beside cuDNN's, then its top device ops; the top device ops (HLO instructions)
-# of the ViT-S step with the SAMI configs' kernels (attention "auto" = cuDNN on the GPU) (--profile); ViT-S with other
-# attention/LayerNorm/GELU choices side by side (models/layers.py Kernels); ViT-S under XLA
+# kernels under several tilings, models/short_attention.py Tiling: ms, TFLOP/s, error against fp32; and the ViT-S
+# encoder's); the ViT-S step with the Pallas attention beside cuDNN's; the top device ops (HLO instructions) of the
+# ViT-S step with the SAMI configs' kernels (attention "auto" = the Pallas kernels on the GPU) (--profile); ViT-S
+# with other attention/LayerNorm/GELU choices side by side (models/layers.py Kernels); ViT-S under XLA
 # compiler options (XLA_FLAGS: cuBLASLt epilogues, Triton and cuDNN GEMM fusions; one process each, the
 # first without any as the baseline); the SAMI train step per student size (img/s, MFU; bf16, batch
 # 256/device); ViT-S at batch 512 in one pass and in 2 microbatches, and with remat (models/layers.py remat); the
@@ -19,11 +19,11 @@
 # the notebook's approach.
 # All parts together take ~52 min, more than one session's device time (15 min, machine start ~30 s
 # included). One process per part costs ~90 s before its first row on an H200 (start, init, a ~40 s compile),
-# each further row ~60 s; the limits below are sized on that. Most informative first, one call per line:
-# "attention sami_pallas" (≤ 8.5 min), "sami_profile sami" (≤ 6.7 min), "sami_kernels teacher" (≤ 7.8 min),
-# "sami_flags" (≤ 9.2 min), "sami_options" (≤ 6 min), "finetune" (≤ 5 min), then the rest. sami_profile leaves
-# the step's top ops (top_ops_sami_s.json) and its whole trace (trace_sami_s.json.gz: every kernel with its
-# duration and grid) in OUTDIR.
+# each further row ~60 s; the limits below are sized on that. Most informative first, one call per line (the
+# thirteenth session ran "attention sami_pallas"): "sami_profile sami" (≤ 6.7 min), "sami_kernels teacher"
+# (≤ 7.8 min), "sami_flags" (≤ 9.2 min), "sami_options" (≤ 6 min), "finetune" (≤ 5 min), then the rest.
+# sami_profile leaves the step's top ops (top_ops_sami_s.json) and its whole trace (trace_sami_s.json.gz: every
+# kernel with its duration and grid) in OUTDIR.
 # WHEELS_DIR: wheels of packages the machine lacks, installed to /tmp/site first (for machines
 # without a package index; `bash launch/gpu_wheels.sh` downloads them into .whl/, to carry).
 set -uo pipefail
@@ -49,17 +49,15 @@ run() {  # run NAME SECONDS COMMAND...
 bench="python3 -m efficientsam_jax.train.benchmark"
 for part in $parts; do
   case $part in
-    attention) run attention 180 $bench attention --implementations cudnn,xla,pallas --steps 20 --repeats 3 \
-      --tilings "64,4,16,8;32,4,16,8;128,8,16,8;64,4,32,8;64,4,16,8,2;64,4,16,8,4;32,4,16,8,4;64,8,16,8,4;\
-64,4,16,8,1,2;64,4,32,8,1,4" --json "$out/attention.json" ;;
-    sami_pallas)
-      run sami_pallas 200 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
-        --kernels "attention=cudnn,layer_norm=one_pass;attention=pallas,layer_norm=one_pass" \
-        --json "$out/sami_pallas.json"
-      run sami_pallas 130 $bench sami --variants s --batch-per-device 256 --steps 5 --repeats 1 \
-        --kernels "attention=pallas,layer_norm=one_pass" --profile /tmp/trace_sami_pallas \
-        --json "$out/sami_pallas_profile.json"
-      cp /tmp/trace_sami_pallas/*/top_ops.json "$out/top_ops_sami_pallas.json" ;;
+    attention)  # the default tiling (64,4,32,8,4) first, then its neighbours
+      run attention 120 $bench attention --implementations cudnn,xla,pallas --steps 20 --repeats 3 \
+        --tilings "64,4,32,8,4;64,4,16,8,4;64,4,32,16,4;64,4,16,4,4,2;64,4,32,8,8;32,2,32,8,4;64,4,32,8,1" \
+        --json "$out/attention.json"
+      run attention 60 $bench attention --implementations cudnn,pallas --queries 50 --keys 50 --heads 6 \
+        --head-dim 64 --steps 20 --repeats 3 --tilings "64,4,32,8,4;32,4,32,8,4" --json "$out/attention_encoder.json" ;;
+    sami_pallas) run sami_pallas 260 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
+      --kernels "attention=cudnn,layer_norm=one_pass;attention=pallas,layer_norm=one_pass" \
+      --json "$out/sami_pallas.json" ;;
     sami_profile)  # the trace stays in /tmp (its folders are too deep to fetch); its summary and events come back
       run sami_profile 130 $bench sami --variants s --batch-per-device 256 --steps 5 --repeats 1 \
         --profile /tmp/trace_sami_s --json "$out/sami_profile.json"

@@ -120,5 +120,6 @@ def test_attention_ignores_padded_keys(monkeypatch, tokens):
   padded = layers.attention(garbage(q), garbage(k), garbage(v), "cudnn", num_keys=tokens)
   np.testing.assert_allclose(padded[:, :tokens], reference, atol=1e-5)
   assert all(t % 2 == 0 and s % 2 == 0 for t, s in lengths), lengths
-  assert Kernels(attention="cudnn").token_padding(tokens, jnp.bfloat16) == tokens % 2
-  assert Kernels(attention="xla").token_padding(tokens, jnp.bfloat16) == 0
+  assert Kernels(attention="cudnn").token_padding(tokens, 8, jnp.bfloat16) == tokens % 2
+  for implementation in ("xla", "pallas"):
+    assert Kernels(attention=implementation).token_padding(tokens, 8, jnp.bfloat16) == 0

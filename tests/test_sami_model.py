@@ -1,5 +1,7 @@
 """SAMI model: MAE masking, restore order, decoders, losses, and export of the student."""
 
+import types
+
 import flax.linen as nn
 import jax
 import jax.flatten_util
@@ -149,25 +151,39 @@ def test_cudnn_attention_call_matches_ours(monkeypatch, size):
   assert (size == 48) == (lengths != {4, 12, 16})  # 48: the odd counts 2+1, 7+1 and 9+1 were padded
 
 
-def test_auto_attention_is_cudnn_on_nvidia_gpus_in_half_precision(monkeypatch):
-  """The SAMI configs' "auto": cuDNN's kernel where it runs (an NVIDIA GPU, bf16/fp16), XLA's elsewhere."""
+def test_auto_attention_is_pallas_or_cudnn_on_nvidia_gpus_in_half_precision(monkeypatch):
+  """The SAMI configs' "auto" on an NVIDIA GPU in bf16/fp16: the Pallas kernels where they hold the keys (at most
+  512, head dim a power of 2 from 16), cuDNN's otherwise; XLA's elsewhere."""
   assert get_sami_config("s").kernels.attention == "auto"
   for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
-    assert layers.resolve_attention("auto", dtype) == "xla"  # this CPU
+    assert layers.resolve_attention("auto", dtype, keys=196, head_dim=32) == "xla"  # this CPU
   assert layers.resolve_attention("cudnn", jnp.float32) == "cudnn"
   with pytest.raises(ValueError, match="must be one of"):
     layers.resolve_attention("flash", jnp.bfloat16)
+  h100 = types.SimpleNamespace(platform="gpu", compute_capability="9.0")  # what a described GPU has
+  with layers.attention_device(h100):  # resolves for that device rather than this CPU
+    assert [layers.resolve_attention("auto", d, keys=196, head_dim=32)
+            for d in (jnp.bfloat16, jnp.float16, jnp.float32)] == ["pallas", "pallas", "xla"]
+    assert [layers.resolve_attention("auto", jnp.bfloat16, keys=keys, head_dim=head)
+            for keys, head in ((512, 64), (513, 64), (196, 24), (196, 8), (None, None))] == [
+                "pallas", "cudnn", "cudnn", "cudnn", "cudnn"]
+    assert Kernels(attention="auto").token_padding(49, 64, jnp.bfloat16) == 0  # Pallas: no padding
+    assert Kernels(attention="auto").token_padding(147, 32, jnp.bfloat16, keys=4097) == 1  # cuDNN: odd → even
+  assert layers.resolve_attention("auto", jnp.bfloat16, keys=196, head_dim=32) == "xla"  # the context is left
   monkeypatch.setattr(layers, "_on_cuda", lambda device=None: True)
-  assert [layers.resolve_attention("auto", d) for d in (jnp.bfloat16, jnp.float16, jnp.float32)] == [
-      "cudnn", "cudnn", "xla"]
   called = []
   monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, implementation=None, **k: called.append(
       implementation) or jnp.zeros_like(a[0]))
+  monkeypatch.setattr(layers, "short_attention", lambda q, *a: called.append("pallas") or jnp.zeros_like(q))
   config = SamiConfig(**TINY)
-  images = jnp.zeros((1, 64, 64, 3))
   model = SamiModel(config, dtype=jnp.bfloat16, kernels=Kernels(attention="auto"))
-  model.init(jax.random.PRNGKey(0), images, jax.random.PRNGKey(1))
-  assert called == ["cudnn"] * (TINY["encoder_depth"] + TINY["decoder_depth"])
+  model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jax.random.PRNGKey(1))
+  # the encoder's heads have 16 channels, the decoder's 8: too few for a Pallas tile
+  assert called == ["pallas"] * TINY["encoder_depth"] + ["cudnn"] * TINY["decoder_depth"]
+  called.clear()
+  long = jnp.zeros((1, 600, 2, 16), jnp.bfloat16)
+  layers.attention(long, long, long, "auto")
+  assert called == ["cudnn"]
 
 
 @pytest.mark.parametrize("decoder_type", ["cross", "self"])

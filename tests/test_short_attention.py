@@ -29,17 +29,17 @@ def _values_and_grads(fn, q, k, v, weights):
   return fn(q, k, v), jax.grad(loss, (0, 1, 2))(q, k, v)
 
 
-@pytest.mark.parametrize("queries, keys, num_keys, tiling", [
-    (37, 50, None, SMALL_BLOCKS),  # three query blocks, the last one partial; keys padded to a tile of 64
-    (37, 50, 41, SMALL_BLOCKS),  # keys from 41 on are padding
-    (37, 50, None, Tiling(16, 4, 32, 4)),  # the backward's query blocks reach past the forward's
-    (37, 50, 41, Tiling(16, 4, 16, 4, heads_per_program=3)),  # a forward program loops over all 3 heads
-    (37, 50, 41, Tiling(16, 4, 16, 4, key_blocks_backward=4)),  # 16 keys per backward program: partial dq summed
-    (32, 16, None, SMALL_BLOCKS),  # whole blocks, no padding anywhere
-    (5, 3, 2, Tiling()),  # fewer tokens than one block or one tile; the default tiling
+@pytest.mark.parametrize("queries, keys, num_keys, tiling, heads", [
+    (37, 50, None, SMALL_BLOCKS, 3),  # three query blocks, the last one partial; keys padded to a tile of 64
+    (37, 50, 41, SMALL_BLOCKS, 3),  # keys from 41 on are padding
+    (37, 50, None, Tiling(16, 4, 32, 4, 1), 3),  # the backward's query blocks reach past the forward's
+    (37, 50, 41, Tiling(16, 4, 16, 4, heads_per_program=4), 6),  # forward programs loop over 2 of the 6 heads
+    (37, 50, 41, Tiling(16, 4, 16, 4, key_blocks_backward=4), 3),  # 16 keys per backward program: dq summed
+    (32, 16, None, SMALL_BLOCKS, 3),  # whole blocks, no padding anywhere
+    (5, 3, 2, Tiling(), 4),  # fewer tokens than one block or one tile; the default tiling, 4 heads per program
 ])
-def test_values_and_gradients_are_xlas_attention(queries, keys, num_keys, tiling):
-  q, k, v, weights = _inputs(queries, keys)
+def test_values_and_gradients_are_xlas_attention(queries, keys, num_keys, tiling, heads):
+  q, k, v, weights = _inputs(queries, keys, heads)
   ours, our_grads = _values_and_grads(lambda *a: short_attention(*a, num_keys, tiling), q, k, v, weights)
   ref, ref_grads = _values_and_grads(lambda *a: attention(*a, "xla", num_keys), q, k, v, weights)
   np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-6)
@@ -113,8 +113,8 @@ def test_shapes_it_cannot_hold_are_refused():
     short_attention(q, k[:, :, :2], v[:, :, :2])
   with pytest.raises(ValueError, match="power of 2"):
     Tiling(block_q=48)
-  with pytest.raises(ValueError, match="does not divide"):
-    short_attention(q, k, v, tiling=Tiling(heads_per_program=2))
+  with pytest.raises(ValueError, match="heads_per_program must be a power of 2"):
+    Tiling(heads_per_program=3)
   with pytest.raises(ValueError, match="fewer than a tile's 16"):  # 8 keys: a tile of 16, split in 2
     jax.grad(lambda q: short_attention(q, k, v, tiling=Tiling(key_blocks_backward=2)).sum())(q)
   with pytest.raises(ValueError, match="relative positions"):

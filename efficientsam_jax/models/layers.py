@@ -7,6 +7,8 @@ renaming; see ``efficientsam_jax/convert/torch_keys.py``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -16,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efficientsam_jax.models.short_attention import short_attention
+from efficientsam_jax.models.short_attention import fits, short_attention
 
 Dtype = Any
 
@@ -29,22 +31,41 @@ def exact_gelu(x: jax.Array) -> jax.Array:
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
 
 
+_ATTENTION_DEVICE = contextvars.ContextVar("attention_device", default=None)
+
+
+@contextlib.contextmanager
+def attention_device(device: jax.Device):
+  """Within, "auto" attention resolves for ``device`` instead of the first attached device: for a GPU that a
+  program is compiled for without being attached (``train.benchmark --gpu-spec``)."""
+  token = _ATTENTION_DEVICE.set(device)
+  try:
+    yield
+  finally:
+    _ATTENTION_DEVICE.reset(token)
+
+
 def _on_cuda(device: "jax.Device | None" = None) -> bool:
-  """``device`` (default: the first attached one) is an NVIDIA GPU whose cuDNN has flash attention: compute
-  capability 8.0 (Ampere) or later."""
-  device = jax.devices()[0] if device is None else device
+  """``device`` (default: ``attention_device``'s, else the first attached one) is an NVIDIA GPU whose cuDNN has
+  flash attention: compute capability 8.0 (Ampere) or later."""
+  device = device or _ATTENTION_DEVICE.get() or jax.devices()[0]
   capability = str(getattr(device, "compute_capability", ""))  # "9.0" on an H100/H200; absent on CPU and TPU
   return device.platform == "gpu" and capability.replace(".", "", 1).isdigit() and float(capability) >= 8.0
 
 
-def resolve_attention(implementation: str, dtype: Dtype, device: "jax.Device | None" = None) -> str:
-  """"auto" → "cudnn" on NVIDIA GPUs in bf16/fp16 (SAMI ViT-S step 1.3× faster on an H200, BENCHMARKS.md),
-  else "xla"; the others as they are. ``device``: the one that will run it (default: the first attached)."""
+def resolve_attention(implementation: str, dtype: Dtype, device: "jax.Device | None" = None,
+                      keys: "int | None" = None, head_dim: "int | None" = None) -> str:
+  """"auto" → on NVIDIA GPUs in bf16/fp16, "pallas" where its kernels hold the keys (``keys`` and ``head_dim``
+  given and ``short_attention.fits``: SAMI's attention; the ViT-S step 2.2% faster than with "cudnn" on an H200)
+  and "cudnn" otherwise (the ViT-S step 1.3× faster than with "xla"; BENCHMARKS.md); "xla" elsewhere. The others
+  as they are. ``device``: the one that will run it (default: ``attention_device``'s, else the first attached)."""
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
   if implementation != "auto":
     return implementation
-  return "cudnn" if _on_cuda(device) and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+  if not _on_cuda(device) or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return "xla"
+  return "pallas" if keys is not None and head_dim is not None and fits(keys, head_dim) else "cudnn"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla",
@@ -62,10 +83,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "x
   (``Kernels.token_padding`` pads before the projections instead, where the pad costs nothing).
   "pallas": ``short_attention.short_attention``, Pallas kernels that hold all the keys of an (example, head)
   in one tile (up to 512 keys, head dim a power of 2 from 16; Triton on NVIDIA GPUs, interpret mode elsewhere).
-  "auto": "cudnn" or "xla" by the backend and q's dtype (``resolve_attention``).
+  "auto": "pallas", "cudnn" or "xla" by the backend, q's dtype and the shapes (``resolve_attention``).
   ``num_keys``: only the first ``num_keys`` keys count (the rest are padding).
   """
-  implementation = resolve_attention(implementation, q.dtype)
+  implementation = resolve_attention(implementation, q.dtype, keys=k.shape[-3], head_dim=q.shape[-1])
   if implementation == "cudnn":
     return even_length_attention(q, k, v, implementation="cudnn", num_keys=num_keys)
   if implementation == "pallas":
@@ -265,14 +286,16 @@ class Kernels:
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, num_keys: "int | None" = None) -> jax.Array:
     return attention(q, k, v, self.attention, num_keys)
 
-  def token_padding(self, tokens: int, dtype: Dtype) -> int:
-    """Rows a block adds to its ``tokens`` before the projections that feed attention: 1 for an odd count
-    with cuDNN's attention (which needs even counts), else 0. Padded there, the pad fuses into the LayerNorm
+  def token_padding(self, tokens: int, head_dim: int, dtype: Dtype, keys: "int | None" = None) -> int:
+    """Rows a block adds to its ``tokens`` before the projections that feed an attention over ``keys`` keys
+    (default: ``tokens``) of ``head_dim`` channels: 1 for an odd count with cuDNN's attention (which needs even
+    counts), else 0. Padded there, the pad fuses into the LayerNorm
     before the projections and the slice back into the residual add after them; inside ``attention`` each is
     a copy of q, k, v or the output (H100 compile of the SAMI ViT-S step: 3.6 GB of 62 per step, BENCHMARKS.md).
     The padded rows are keys that ``attend(..., num_keys=tokens)`` masks out and queries whose outputs the
     block drops."""
-    return tokens % 2 if resolve_attention(self.attention, dtype) == "cudnn" else 0
+    implementation = resolve_attention(self.attention, dtype, keys=tokens if keys is None else keys, head_dim=head_dim)
+    return tokens % 2 if implementation == "cudnn" else 0
 
   def norm(self, eps: float, name: str, dtype: Dtype) -> LayerNorm:
     return layer_norm(eps, name, dtype, one_pass=self.layer_norm == "one_pass", lean=self.backward == "lean")

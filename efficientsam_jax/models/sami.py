@@ -155,8 +155,8 @@ class CrossAttentionBlock(nn.Module):
     q_in = kern.norm(1e-6, "norm_q", self.dtype)(queries)
     kv_in = jnp.concatenate([kern.norm(1e-6, "norm_kv", self.dtype)(context), q_in], axis=1)
     num_queries, num_keys = q_in.shape[1], kv_in.shape[1]
-    q_in = pad_tokens(q_in, kern.token_padding(num_queries, self.dtype))
-    kv_in = pad_tokens(kv_in, kern.token_padding(num_keys, self.dtype))
+    q_in = pad_tokens(q_in, kern.token_padding(num_queries, head, self.dtype, keys=num_keys))
+    kv_in = pad_tokens(kv_in, kern.token_padding(num_keys, head, self.dtype))
     q = nn.Dense(width, dtype=self.dtype, name="q")(q_in)
     k = nn.Dense(width, dtype=self.dtype, name="k")(kv_in)
     v = nn.Dense(width, dtype=self.dtype, name="v")(kv_in)

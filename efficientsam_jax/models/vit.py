@@ -50,7 +50,7 @@ class Attention(nn.Module):
     *batch, tokens, width = x.shape
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
-    padded = tokens + self.kernels.token_padding(tokens, self.dtype)
+    padded = tokens + self.kernels.token_padding(tokens, width // self.num_heads, self.dtype)
     qkv = nn.Dense(3 * width, dtype=self.dtype, name="qkv")(pad_tokens(x, padded - tokens))
     qkv = qkv.reshape(*batch, padded, 3, self.num_heads, width // self.num_heads)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]

@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import print_saved_residuals
 
-from efficientsam_jax.models.layers import REMAT_POLICIES, Kernels, attention, remat_policy, resolve_attention
+from efficientsam_jax.models.layers import REMAT_POLICIES, Kernels, attention, attention_device, remat_policy
 from efficientsam_jax.models.short_attention import Tiling, short_attention
 from efficientsam_jax.train import hlo_kernels
 from efficientsam_jax.train.loop import compiled_memory_bytes
@@ -329,13 +329,20 @@ def _kernels_name(kernels: Kernels) -> str:
   return "_".join(str(value) for value in dataclasses.astuple(kernels))
 
 
-def _model_settings(args, device: Optional[jax.Device] = None) -> list[dict]:
-  """Every student / model size × kernel set × remat policy × microbatch count of ``sami`` and ``finetune``
-  (attention "auto" resolved for ``device``, default the first attached one, so each row names the kernel that ran)."""
-  kernels = [dataclasses.replace(k, attention=resolve_attention(k.attention, args.dtype, device))
-             for k in args.kernels]
+def _model_settings(args) -> list[dict]:
+  """Every student / model size × kernel set × remat policy × microbatch count of ``sami`` and ``finetune``."""
   return [{"variant": v, "kernels": k, "remat": r, "microbatches": m}
-          for v in args.variants for k in kernels for r in args.remat for m in args.microbatches]
+          for v in args.variants for k in args.kernels for r in args.remat for m in args.microbatches]
+
+
+def _each_model_setting(args, measure) -> list[dict]:
+  """``each_setting`` over ``_model_settings``, with attention "auto" resolved for the devices measured (also a GPU
+  compiled for without being attached: ``--gpu-spec``); on a GPU each row's ``attention_kernels`` says which
+  kernels it ran."""
+  devices = _devices(args)
+  peak = peak_tflops(devices[0], getattr(args, "peak_tflops", 0.0))
+  with attention_device(devices[0]):
+    return each_setting(_model_settings(args), functools.partial(measure, args, devices, peak=peak))
 
 
 def _devices(args) -> Sequence[jax.Device]:
@@ -344,10 +351,7 @@ def _devices(args) -> Sequence[jax.Device]:
 
 
 def bench_sami(args) -> list[dict]:
-  devices = _devices(args)
-  peak = peak_tflops(devices[0], args.peak_tflops)
-  return each_setting(_model_settings(args, devices[0]), functools.partial(_bench_sami_setting, args, devices,
-                                                                         peak=peak))
+  return _each_model_setting(args, _bench_sami_setting)
 
 
 def _bench_sami_setting(args, devices: Sequence[jax.Device], variant: str, kernels: Kernels, remat: str,
@@ -434,6 +438,9 @@ def _kernel_figures(compiled, device: jax.Device, model_flops: Optional[float], 
     return {}
   program = hlo_kernels.kernels(compiled.as_text())
   figures = hlo_kernels.summary(program, peak, bandwidth)
+  attention_kernels = [k for k in program if k.kind == "attention"]
+  figures["attention_kernels"] = {"pallas": sum("short_attention" in k.source for k in attention_kernels),
+                                  "cudnn": sum("short_attention" not in k.source for k in attention_kernels)}
   if model_flops:
     figures["roofline_mfu"] = round(model_flops / (figures["roofline_ms"] / 1e3) / (peak * 1e12), 4)
   print("kernels moving the most bytes (kind, JAX operation, count, GB, TFLOP):")
@@ -454,12 +461,11 @@ def _compiled_figures(compiled) -> dict:
 
 
 def bench_finetune(args) -> list[dict]:
-  devices = _devices(args)
-  return each_setting(_model_settings(args, devices[0]), functools.partial(_bench_finetune_setting, args, devices))
+  return _each_model_setting(args, _bench_finetune_setting)
 
 
 def _bench_finetune_setting(args, devices: Sequence[jax.Device], variant: str, kernels: Kernels, remat: str,
-                            microbatches: int) -> dict:
+                            microbatches: int, peak: Optional[float]) -> dict:
   # pylint: disable=import-outside-toplevel
   from efficientsam_jax.models.efficient_sam import EfficientSam, EfficientSamConfig, init_params
   from efficientsam_jax.train import sharding
@@ -494,7 +500,7 @@ def _bench_finetune_setting(args, devices: Sequence[jax.Device], variant: str, k
   kept = saved_residual_bytes(lambda params: loss(params, *_traceable(data, rng, rng))[0], state.params)
   row = {"dtype": args.dtype, "batch": batch, "masks_per_image": args.masks, "rounds": 1 + args.correction_steps,
          "compile_s": round(compile_s, 1), **compile_figures, "kept_mb_per_example": kept and round(kept / batch / 1e6),
-         **_compiled_figures(compiled), **_kernel_figures(compiled, devices[0], None, peak_tflops(devices[0]))}
+         **_compiled_figures(compiled), **_kernel_figures(compiled, devices[0], None, peak)}
   if not args.compile_only and not args.gpu_spec:
     name = f"finetune_{variant}_{_kernels_name(kernels)}_{remat}_m{microbatches}"
     seconds = time_train_step(compiled, state, data, rng, args, name)

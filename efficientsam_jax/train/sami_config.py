@@ -26,9 +26,10 @@ def get_sami_config(variant: str, arg=None) -> ml_collections.ConfigDict:
       decoder_type="cross", target_dim=256, mask_ratio=0.75))
   config.loss = ml_collections.ConfigDict({"kind": "mse", "tokens": "all"})
   # How the blocks compute (models/layers.py Kernels; same parameters whatever the choice): attention "xla",
-  # "cudnn" (NVIDIA GPU, bf16), "pallas" (models/short_attention.py: all the keys of a head in one tile; not yet
-  # timed on a GPU) or "auto" (cudnn where it runs, else xla: the ViT-S step 1.3× faster on an H200,
-  # BENCHMARKS.md); LayerNorm "one_pass" (flax's default, fp32 statistics) or "two_pass" (PyTorch's);
+  # "cudnn" (NVIDIA GPU, bf16), "pallas" (models/short_attention.py: all the keys of a head in one tile) or "auto"
+  # (on NVIDIA GPUs in bf16: pallas where it fits, as for every SAMI attention, else cudnn; xla elsewhere. On an
+  # H200 the ViT-S step ran 1.3× faster with cudnn than with xla, and 2.2% faster again with pallas: BENCHMARKS.md);
+  # LayerNorm "one_pass" (flax's default, fp32 statistics) or "two_pass" (PyTorch's);
   # the decoder's GELU "exact" or "tanh" (the student encoder keeps the exact GELU it is exported with);
   # backward "lean" (LayerNorm and GELU keep only their inputs for the backward pass: ViT-S 87 → 54 MB of
   # activations per example) or "autodiff".
