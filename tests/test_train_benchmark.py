@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -97,3 +98,25 @@ def test_attention_benchmark_rows_check_each_implementation_against_fp32(tmp_pat
   for row in rows:
     assert row["forward_relative_error"] < 1e-5 and row["train_relative_error"] < 1e-5, row
     assert row["forward_ms"] > 0 and row["train_ms"] > 0
+
+
+def test_gpu_rows_name_the_attention_kernels_that_ran(capsys):
+  """A GPU step's row counts its attention kernels by implementation ("auto" is resolved per call, so the row
+  says what ran): the Pallas kernels by their JAX operation, cuDNN's by the rest."""
+  module = """HloModule jit_step
+
+ENTRY %main (q: bf16[2,6,4,16], k: bf16[2,10,4,16], lse: f32[2,4,16]) -> bf16[2,6,4,16] {
+  %q = bf16[2,6,4,16]{3,2,1,0} parameter(0)
+  %k = bf16[2,10,4,16]{3,2,1,0} parameter(1)
+  %lse = f32[2,4,16]{2,1,0} parameter(2)
+  %fmha = (bf16[2,4,6,16]{3,1,2,0}, f32[2,4,6]{2,1,0}, u8[0]{0}) custom-call(%q, %k, %k), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/encoder/blocks_0/dot_product_attention_fwd"}
+  %fwd = (bf16[2,6,4,16]{3,2,1,0}, f32[2,4,16]{2,1,0}) custom-call(%q, %k, %k), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(step)/decoder_blocks_0/short_attention_forward/pallas_call"}, backend_config={ir = "ML", name = "short_attention_forward", num_warps = 4 : i32}
+  ROOT %bwd = bf16[2,6,4,16]{3,2,1,0} custom-call(%q, %k, %k, %q, %q, %lse), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(step)/transpose(decoder_blocks_0)/short_attention_backward/pallas_call"}, backend_config={ir = "ML", name = "short_attention_backward", num_warps = 8 : i32}
+}
+"""
+  compiled = types.SimpleNamespace(as_text=lambda: module)
+  gpu = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+  figures = benchmark._kernel_figures(compiled, gpu, model_flops=None, peak=989.0)
+  assert figures["attention_kernels"] == {"pallas": 2, "cudnn": 1}
+  assert figures["kernel_count"] == 3 and "short_attention_backward" in capsys.readouterr().out
+  assert benchmark._kernel_figures(compiled, types.SimpleNamespace(platform="cpu", device_kind="cpu"), None, 1.0) == {}
