@@ -3,24 +3,24 @@
 #
 #   bash launch/benchmark_gpu.sh OUTDIR [WHEELS_DIR] [PARTS]
 #
-# PARTS (default: all, in this order): attention sami_pallas sami_profile sami_kernels sami_flags sami sami_options
-# teacher finetune sami_input sami_smoke inference everything. Each part runs under its own time limit so one slow
-# part cannot starve the rest: the SAMI decoder's attention alone (cuDNN, XLA, and the Pallas short_attention
-# kernels under several tilings, models/short_attention.py Tiling: ms, TFLOP/s, error against fp32; and the ViT-S
-# encoder's); the ViT-S step with the Pallas attention beside cuDNN's; the top device ops (HLO instructions) of the
-# ViT-S step with the SAMI configs' kernels (attention "auto" = the Pallas kernels on the GPU) (--profile); ViT-S
-# with other attention/LayerNorm/GELU choices side by side (models/layers.py Kernels); ViT-S under XLA
-# compiler options (XLA_FLAGS: cuBLASLt epilogues, Triton and cuDNN GEMM fusions; one process each, the
-# first without any as the baseline); the SAMI train step per student size (img/s, MFU; bf16, batch
-# 256/device); ViT-S at batch 512 in one pass and in 2 microbatches, and with remat (models/layers.py remat); the
-# teacher precompute (ViT-H views/s, XLA and cuDNN attention); the finetuning step (EfficientSAM-Ti/S,
-# 8 images × 64 masks per device, XLA and cuDNN attention); the SAMI input pipeline; the README's SAMI
-# smoke job end to end; the inference benchmark (XLA and cuDNN attention); segment-everything against
-# the notebook's approach.
-# All parts together take ~52 min, more than one session's device time (15 min, machine start ~30 s
-# included). One process per part costs ~90 s before its first row on an H200 (start, init, a ~40 s compile),
-# each further row ~60 s; the limits below are sized on that. Most informative first, one call per line (the
-# thirteenth session ran "attention sami_pallas"): "sami_profile sami" (≤ 6.7 min), "sami_kernels teacher"
+# PARTS (default: all, in this order): attention sami_pallas attention_ncu sami_profile sami_kernels sami_flags sami
+# sami_options teacher finetune sami_input sami_smoke inference everything. Each part runs under its own time limit
+# so one slow part cannot starve the rest: the SAMI decoder's attention alone (cuDNN, XLA, and the Pallas
+# short_attention kernels under several tilings, models/short_attention.py Tiling: ms, TFLOP/s, error against fp32;
+# and the ViT-S encoder's); the ViT-S step with the Pallas attention beside cuDNN's; the attention kernels under
+# Nsight Compute (what bounds each: throughput against the chip's peaks, occupancy, warp stalls); the top device ops
+# (HLO instructions) of the ViT-S step with the SAMI configs' kernels (attention "auto" = the Pallas kernels on the
+# GPU) (--profile); ViT-S with other attention/LayerNorm/GELU choices side by side (models/layers.py Kernels); ViT-S
+# under XLA compiler options (XLA_FLAGS: cuBLASLt epilogues, Triton and cuDNN GEMM fusions; one process each, the
+# first without any as the baseline); the SAMI train step per student size (img/s, MFU; bf16, batch 256/device);
+# ViT-S at batch 512 in one pass and in 2 microbatches, and with remat (models/layers.py remat); the teacher
+# precompute (ViT-H views/s, XLA and cuDNN attention); the finetuning step (EfficientSAM-Ti/S, 8 images × 64 masks
+# per device, XLA and cuDNN attention); the SAMI input pipeline; the README's SAMI smoke job end to end; the
+# inference benchmark (XLA and cuDNN attention); segment-everything against the notebook's approach.
+# All parts together take ~55 min, more than one session's device time (15 min, machine start ~30 s included). One
+# process per part costs ~90 s before its first row on an H200 (start, init, a ~40 s compile), each further row
+# ~60 s; the limits below are sized on that. Most informative first, one call per line (the thirteenth session ran
+# "attention sami_pallas"): "attention_ncu sami_profile" (≤ 4.7 min), "sami" (≤ 4.5 min), "sami_kernels teacher"
 # (≤ 7.8 min), "sami_flags" (≤ 9.2 min), "sami_options" (≤ 6 min), "finetune" (≤ 5 min), then the rest.
 # sami_profile leaves the step's top ops (top_ops_sami_s.json) and its whole trace (trace_sami_s.json.gz: every
 # kernel with its duration and grid) in OUTDIR.
@@ -28,8 +28,8 @@
 # without a package index; `bash launch/gpu_wheels.sh` downloads them into .whl/, to carry).
 set -uo pipefail
 out=${1:?output directory}; wheels=${2:-}
-parts=${3:-attention sami_pallas sami_profile sami_kernels sami_flags sami sami_options teacher finetune sami_input \
-sami_smoke inference everything}
+parts=${3:-attention sami_pallas attention_ncu sami_profile sami_kernels sami_flags sami sami_options teacher finetune \
+sami_input sami_smoke inference everything}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -n "$wheels" ]]; then
@@ -55,6 +55,12 @@ for part in $parts; do
         --json "$out/attention.json"
       run attention 60 $bench attention --implementations cudnn,pallas --queries 50 --keys 50 --heads 6 \
         --head-dim 64 --steps 20 --repeats 3 --tilings "64,4,32,8,4;32,4,32,8,4" --json "$out/attention_encoder.json" ;;
+    attention_ncu)  # what bounds each attention kernel: Nsight Compute's throughputs against the chip's peaks,
+      # occupancy, and where the warps stall (each kernel replayed per section; the fp32 reference is not profiled)
+      run attention_ncu 150 ncu --target-processes all --kernel-name "regex:short_attention|sdpa|flash" \
+        --launch-count 12 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section MemoryWorkloadAnalysis --csv --page details $bench attention --implementations pallas,cudnn \
+        --steps 1 --repeats 1 --warmup 0 ;;
     sami_pallas) run sami_pallas 260 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
       --kernels "attention=cudnn,layer_norm=one_pass;attention=pallas,layer_norm=one_pass" \
       --json "$out/sami_pallas.json" ;;
