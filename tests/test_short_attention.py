@@ -52,19 +52,36 @@ def test_values_and_gradients_are_xlas_attention(queries, keys, num_keys, tiling
     np.testing.assert_array_equal(short_attention(q, *moved, num_keys, tiling), ours)
 
 
+def test_biases_added_in_the_kernels_are_biases_added_before():
+  """``bias``: the kernels add the q, k and v projections' biases as they load q, k and v; values and the gradients
+  of q, k, v and the biases are those of XLA's attention of q + b_q, k + b_k, v + b_v."""
+  q, k, v, weights = _inputs(37, 50, heads=4)
+  bias = jnp.asarray(np.random.default_rng(3).normal(size=(3, 4, 16)), jnp.float32)
+  loss = lambda fn: lambda *args: jnp.sum(fn(*args) * weights)
+  ours = lambda q, k, v, b: short_attention(q, k, v, 41, SMALL_BLOCKS, bias=b)
+  ref = lambda q, k, v, b: attention(q + b[0], k + b[1], v + b[2], "xla", 41)
+  np.testing.assert_allclose(ours(q, k, v, bias), ref(q, k, v, bias), rtol=0, atol=2e-6)
+  for name, got, want in zip(("q", "k", "v", "bias"), jax.grad(loss(ours), (0, 1, 2, 3))(q, k, v, bias),
+                             jax.grad(loss(ref), (0, 1, 2, 3))(q, k, v, bias)):
+    np.testing.assert_allclose(got, want, rtol=0, atol=5e-6 * float(jnp.abs(want).max()), err_msg=f"d{name}")
+  np.testing.assert_allclose(attention(q, k, v, "pallas", 41, bias), ref(q, k, v, bias), rtol=0, atol=2e-6)
+
+
 def test_split_over_examples_and_heads_without_collectives():
-  """Under a mesh (data × model over 8 devices) each device runs the kernels on its own examples and heads: the
-  values and gradients of the unsplit call, the outputs split as the inputs, and no collective in the program."""
+  """Under a mesh (data × model over 8 devices) each device runs the kernels on its own examples and heads (and
+  the biases of its heads): the values and gradients of the unsplit call, the outputs split as the inputs, and no
+  collective in the program."""
   mesh = make_mesh({"data": 4, "model": 2})
   split = NamedSharding(mesh, P("data", None, "model", None))
   q, k, v, weights = _inputs(37, 50, heads=4, batch=8)
-  fn = lambda *args: _values_and_grads(lambda *a: short_attention(*a, 41, SMALL_BLOCKS), *args)
-  step = jax.jit(fn, in_shardings=(split,) * 4)
-  got, want = step(q, k, v, weights), fn(q, k, v, weights)
+  bias = jnp.asarray(np.random.default_rng(3).normal(size=(3, 4, 16)), jnp.float32)
+  fn = lambda *args: _values_and_grads(lambda *a: short_attention(*a, 41, SMALL_BLOCKS, bias=args[4]), *args[:4])
+  step = jax.jit(fn, in_shardings=(split,) * 4 + (NamedSharding(mesh, P(None, "model", None)),))
+  got, want = step(q, k, v, weights, bias), fn(q, k, v, weights, bias)
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     assert a.sharding.is_equivalent_to(split, 4)
-  program = step.lower(q, k, v, weights).compile().as_text()
+  program = step.lower(q, k, v, weights, bias).compile().as_text()
   assert not any(op in program for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"))
 
 
@@ -111,6 +128,8 @@ def test_shapes_it_cannot_hold_are_refused():
     short_attention(q, k, v, num_keys=0)
   with pytest.raises(ValueError, match=r"\[B, Tq, N, H\]"):
     short_attention(q, k[:, :, :2], v[:, :, :2])
+  with pytest.raises(ValueError, match=r"bias must be \[3, N, H\]"):
+    short_attention(q, k, v, bias=jnp.zeros((3, 16)))
   with pytest.raises(ValueError, match="power of 2"):
     Tiling(block_q=48)
   with pytest.raises(ValueError, match="heads_per_program must be a power of 2"):

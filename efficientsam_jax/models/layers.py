@@ -69,7 +69,7 @@ def resolve_attention(implementation: str, dtype: Dtype, device: "jax.Device | N
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla",
-              num_keys: "int | None" = None) -> jax.Array:
+              num_keys: "int | None" = None, bias: "jax.Array | None" = None) -> jax.Array:
   """Softmax attention on [..., T, N, H] (tokens, heads, head dim) → [..., T, N, H].
 
   "xla": heads-first matmuls with the scale folded into q: on CPU this avoids
@@ -84,14 +84,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "x
   "pallas": ``short_attention.short_attention``, Pallas kernels that hold all the keys of an (example, head)
   in one tile (up to 512 keys, head dim a power of 2 from 16; Triton on NVIDIA GPUs, interpret mode elsewhere).
   "auto": "pallas", "cudnn" or "xla" by the backend, q's dtype and the shapes (``resolve_attention``).
-  ``num_keys``: only the first ``num_keys`` keys count (the rest are padding).
+  ``num_keys``: only the first ``num_keys`` keys count (the rest are padding). ``bias`` [3, N, H]: the q, k and v
+  projections' biases, not yet added (the Pallas kernels add them as they load q, k and v, which saves a kernel per
+  projection; the others add them first).
   """
   implementation = resolve_attention(implementation, q.dtype, keys=k.shape[-3], head_dim=q.shape[-1])
-  if implementation == "cudnn":
-    return even_length_attention(q, k, v, implementation="cudnn", num_keys=num_keys)
   if implementation == "pallas":
     examples = lambda t: t.reshape(-1, *t.shape[-3:])
-    return short_attention(examples(q), examples(k), examples(v), num_keys).reshape(q.shape)
+    return short_attention(examples(q), examples(k), examples(v), num_keys, bias=bias).reshape(q.shape)
+  if bias is not None:
+    q, k, v = (t + b.astype(t.dtype) for t, b in zip((q, k, v), bias))
+  if implementation == "cudnn":
+    return even_length_attention(q, k, v, implementation="cudnn", num_keys=num_keys)
   if num_keys is not None:
     k, v = k[..., :num_keys, :, :], v[..., :num_keys, :, :]
   q, k, v = (jnp.swapaxes(t, -3, -2) for t in (q, k, v))
@@ -283,8 +287,9 @@ class Kernels:
       if getattr(self, field) not in allowed:
         raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
 
-  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, num_keys: "int | None" = None) -> jax.Array:
-    return attention(q, k, v, self.attention, num_keys)
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, num_keys: "int | None" = None,
+             bias: "jax.Array | None" = None) -> jax.Array:
+    return attention(q, k, v, self.attention, num_keys, bias)
 
   def token_padding(self, tokens: int, head_dim: int, dtype: Dtype, keys: "int | None" = None) -> int:
     """Rows a block adds to its ``tokens`` before the projections that feed an attention over ``keys`` keys
@@ -303,6 +308,19 @@ class Kernels:
   def act(self, x: jax.Array) -> jax.Array:
     approximate = self.gelu == "tanh"
     return lean_gelu(x, approximate) if self.backward == "lean" else gelu(x, approximate)
+
+
+class DenseParams(nn.Module):
+  """An ``nn.Dense(features)``'s parameters, unapplied: (kernel, bias), with Dense's names, shapes and initializers
+  (so the same values from the same key), for a projection whose bias is added elsewhere (``attention``'s
+  ``bias``)."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+    return (self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features)),
+            self.param("bias", nn.initializers.zeros_init(), (self.features,)))
 
 
 class MLPBlock(nn.Module):

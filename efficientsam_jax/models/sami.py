@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from efficientsam_jax.common.config import JsonConfig
-from efficientsam_jax.models.layers import Kernels, pad_tokens, per_example, remat
+from efficientsam_jax.models.layers import DenseParams, Kernels, pad_tokens, per_example, remat
 from efficientsam_jax.models.vit import VIT_SIZES, Block, ImageEncoderViT, Mlp
 
 Dtype = Any
@@ -157,10 +157,14 @@ class CrossAttentionBlock(nn.Module):
     num_queries, num_keys = q_in.shape[1], kv_in.shape[1]
     q_in = pad_tokens(q_in, kern.token_padding(num_queries, head, self.dtype, keys=num_keys))
     kv_in = pad_tokens(kv_in, kern.token_padding(num_keys, head, self.dtype))
-    q = nn.Dense(width, dtype=self.dtype, name="q")(q_in)
-    k = nn.Dense(width, dtype=self.dtype, name="k")(kv_in)
-    v = nn.Dense(width, dtype=self.dtype, name="v")(kv_in)
-    out = kern.attend(split(q), split(k), split(v), num_keys).reshape(q.shape)
+
+    def project(name: str, x: jax.Array) -> tuple[jax.Array, jax.Array]:  # nn.Dense without its bias add
+      kernel, bias = DenseParams(width, name=name)(x.shape[-1])
+      return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)), bias
+
+    (q, q_bias), (k, k_bias), (v, v_bias) = project("q", q_in), project("k", kv_in), project("v", kv_in)
+    bias = jnp.stack([q_bias, k_bias, v_bias]).reshape(3, self.num_heads, head)  # added by the attention
+    out = kern.attend(split(q), split(k), split(v), num_keys, bias).reshape(q.shape)
     queries = queries + nn.Dense(width, dtype=self.dtype, name="proj")(out)[:, :num_queries]
     return queries + Mlp(4 * width, dtype=self.dtype, kernels=kern, name="mlp")(
         kern.norm(1e-6, "norm2", self.dtype)(queries))

@@ -12,6 +12,10 @@ of its (example, head) at once:
   while the program walks the query blocks (keys on the rows of every product), and each block's dq is complete
   when written (no atomics, no second kernel); or the keys split over a few programs, each writing a partial dq.
 
+The q, k and v projections' biases can be left to the kernels (``bias``): q's is added as q is loaded, v's to the
+output, and k's drops out of the softmax. Added before, each would be a kernel of its own, since a projection's
+bias add cannot fuse into a custom call (SAMI's decoder: 2.25 of the ViT-S step's 62 GB, compiled for an H100).
+
 Measured on an H200 at batch 256 (BENCHMARKS.md, thirteenth session): the decoder's attention forward 0.18 ms
 against cuDNN's 0.30, forward and backward 0.84 ms against 0.89; the ViT-S encoder's (49 tokens, 6 heads of 64)
 2× faster; the ViT-S step 31.8 ms against 32.5. ``layers.attention``'s "auto" picks these kernels where they fit.
@@ -82,9 +86,11 @@ def key_tile(keys: int) -> int:
   return max(16, pl.next_power_of_2(keys))
 
 
-def _rows(ref, valid: jax.Array) -> jax.Array:
-  """ref's rows, zero where ``valid`` [rows] is False (past the end of the array)."""
-  return plt.load(ref, mask=valid[:, None], other=0)
+def _rows(ref, valid: jax.Array, bias: "jax.Array | None" = None) -> jax.Array:
+  """ref's rows, zero where ``valid`` [rows] is False (past the end of the array); plus ``bias`` [channels] if given,
+  added in fp32 and rounded once to ref's dtype (what XLA does for a bias added in bf16)."""
+  rows = plt.load(ref, mask=valid[:, None], other=0)
+  return rows if bias is None else (rows.astype(jnp.float32) + bias.astype(jnp.float32)[None, :]).astype(rows.dtype)
 
 
 def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
@@ -92,20 +98,21 @@ def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
   return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, *, queries: int, keys: int, num_keys: int):
+def _forward_kernel(q_ref, k_ref, v_ref, q_bias_ref, v_bias_ref, out_ref, lse_ref, *, queries: int, keys: int,
+                    num_keys: int):
   block_q, heads, tile = q_ref.shape[0], q_ref.shape[1], k_ref.shape[0]
   query_valid = pl.program_id(0) * block_q + jnp.arange(block_q) < queries
   key_valid = jnp.arange(tile) < keys
 
   def one_head(n, carry):
-    q = _rows(q_ref.at[:, n, :], query_valid)
+    q = _rows(q_ref.at[:, n, :], query_valid, q_bias_ref[n, :])
     v = _rows(v_ref.at[:, n, :], key_valid)
     logits = _dot(q, _rows(k_ref.at[:, n, :], key_valid), (1, 1)) * (q.shape[-1] ** -0.5)
     logits = jnp.where((jnp.arange(tile) < num_keys)[None, :], logits, -jnp.inf)
     peak = jnp.max(logits, axis=1)
     p = jnp.exp(logits - peak[:, None])
     total = jnp.sum(p, axis=1)
-    out = _dot(p.astype(v.dtype), v, (1, 0)) / total[:, None]
+    out = _dot(p.astype(v.dtype), v, (1, 0)) / total[:, None] + v_bias_ref[n, :].astype(jnp.float32)[None, :]
     plt.store(out_ref.at[:, n, :], out.astype(out_ref.dtype), mask=query_valid[:, None])
     lse_ref[n, :] = peak + jnp.log(total)
     return carry
@@ -116,25 +123,27 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, *, queries: int, keys
     jax.lax.fori_loop(0, heads, one_head, None)
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, out_ref, dout_ref, lse_ref, dq_ref, dk_ref, dv_ref, *, queries: int,
-                     keys: int, num_keys: int, block_q: int):
+def _backward_kernel(q_ref, k_ref, v_ref, q_bias_ref, v_bias_ref, out_ref, dout_ref, lse_ref, dq_ref, dk_ref, dv_ref,
+                     *, queries: int, keys: int, num_keys: int, block_q: int):
   tile, head = k_ref.shape  # this program's keys: block program_id(0) of the head's
   scale = head ** -0.5
   key_index = pl.program_id(0) * tile + jnp.arange(tile)
   key_valid = key_index < keys
   counted = (key_index < num_keys)[:, None]
   k, v = _rows(k_ref, key_valid), _rows(v_ref, key_valid)
+  q_bias, v_bias = q_bias_ref[...], v_bias_ref[...].astype(jnp.float32)
 
   def query_block(j, grads):  # keys on the rows of every product: the large dimension, what the MMA tiles want
     dk, dv = grads
     start = pl.multiple_of(j * block_q, block_q)
     rows = pl.ds(start, block_q)
     valid = start + jnp.arange(block_q) < queries
-    q, out, dout = (_rows(ref.at[rows, :], valid) for ref in (q_ref, out_ref, dout_ref))
+    q, out, dout = _rows(q_ref.at[rows, :], valid, q_bias), _rows(out_ref.at[rows, :], valid), _rows(
+        dout_ref.at[rows, :], valid)
     lse = plt.load(lse_ref.at[rows], mask=valid, other=jnp.inf)  # p = 0 on rows past the end
     p_t = jnp.where(counted, jnp.exp(_dot(k, q, (1, 1)) * scale - lse[None, :]), 0.0)  # pᵀ [keys, queries]
     dv = dv + _dot(p_t.astype(dout.dtype), dout, (1, 0))
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=1)  # Σ_j p_ij dp_ij
+    delta = jnp.sum(dout.astype(jnp.float32) * (out.astype(jnp.float32) - v_bias[None, :]), axis=1)  # Σ_j p_ij dp_ij
     dlogits_t = (p_t * (_dot(v, dout, (1, 1)) - delta[None, :])).astype(q.dtype)
     dk = dk + _dot(dlogits_t, q, (1, 0))
     plt.store(dq_ref.at[rows, :], (_dot(dlogits_t, k, (0, 0)) * scale).astype(dq_ref.dtype), mask=valid[:, None])
@@ -152,23 +161,24 @@ def _per_platform(fn):
                                                   default=functools.partial(fn, interpret=True))
 
 
-def _forward(q, k, v, num_keys: int, tiling: Tiling, interpret: bool):
+def _forward(q, k, v, q_bias, v_bias, num_keys: int, tiling: Tiling, interpret: bool):
   batch, queries, heads, head = q.shape
   blocks, group = pl.cdiv(queries, tiling.block_q), math.gcd(heads, tiling.heads_per_program)
   kernel = functools.partial(_forward_kernel, queries=queries, keys=k.shape[1], num_keys=num_keys)
   # grid (query block, head group, example): the program's query block, every key of its heads
   query_spec = pl.BlockSpec((None, tiling.block_q, group, head), lambda i, n, b: (b, i, n, 0))
   key_spec = pl.BlockSpec((None, key_tile(k.shape[1]), group, head), lambda i, n, b: (b, 0, n, 0))
+  bias_spec = pl.BlockSpec((group, head), lambda i, n, b: (n, 0))
   return pl.pallas_call(
-      kernel, grid=(blocks, heads // group, batch), in_specs=[query_spec, key_spec, key_spec],
+      kernel, grid=(blocks, heads // group, batch), in_specs=[query_spec, key_spec, key_spec, bias_spec, bias_spec],
       out_specs=[query_spec, pl.BlockSpec((None, group, tiling.block_q), lambda i, n, b: (b, n, i))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, blocks * tiling.block_q), jnp.float32)],
       compiler_params=plt.CompilerParams(num_warps=tiling.warps, num_stages=1 if group == 1 else 2),
-      interpret=interpret, name="short_attention_forward")(q, k, v)
+      interpret=interpret, name="short_attention_forward")(q, k, v, q_bias, v_bias)
 
 
-def _backward(q, k, v, out, lse, dout, num_keys: int, tiling: Tiling, interpret: bool):
+def _backward(q, k, v, q_bias, v_bias, out, lse, dout, num_keys: int, tiling: Tiling, interpret: bool):
   batch, queries, heads, head = q.shape
   block_q, key_blocks = tiling.block_q_backward, tiling.key_blocks_backward
   rows, key_block = pl.cdiv(queries, block_q) * block_q, key_tile(k.shape[1]) // key_blocks
@@ -184,20 +194,20 @@ def _backward(q, k, v, out, lse, dout, num_keys: int, tiling: Tiling, interpret:
   kernel = functools.partial(_backward_kernel, queries=queries, keys=k.shape[1], num_keys=num_keys, block_q=block_q)
   dq, dk, dv = pl.pallas_call(
       kernel, grid=(key_blocks, heads, batch),
-      in_specs=[query_spec, key_spec, key_spec, query_spec, query_spec,
-                pl.BlockSpec((None, None, rows), lambda j, n, b: (b, n, 0))],
+      in_specs=[query_spec, key_spec, key_spec] + [pl.BlockSpec((None, head), lambda j, n, b: (n, 0))] * 2 + [
+          query_spec, query_spec, pl.BlockSpec((None, None, rows), lambda j, n, b: (b, n, 0))],
       out_specs=[dq_spec, key_spec, key_spec],
       out_shape=[dq_shape, jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=plt.CompilerParams(num_warps=tiling.warps_backward, num_stages=2), interpret=interpret,
-      name="short_attention_backward")(q, k, v, out, dout, lse)
+      name="short_attention_backward")(q, k, v, q_bias, v_bias, out, dout, lse)
   return (dq if key_blocks == 1 else dq.sum(0).astype(q.dtype)), dk, dv
 
 
 # Each kernel's arrays, einsum-like: b examples, n heads (both may be split over devices), q and k tokens, h channels
 # and l the log-sum-exp's query rows (each kernel needs them whole).
 _LAYOUTS = {
-    "forward": ("b q n h, b k n h, b k n h", "b q n h, b n l"),
-    "backward": ("b q n h, b k n h, b k n h, b q n h, b n l, b q n h", "b q n h, b k n h, b k n h"),
+    "forward": ("b q n h, b k n h, b k n h, n h, n h", "b q n h, b n l"),
+    "backward": ("b q n h, b k n h, b k n h, n h, n h, b q n h, b n l, b q n h", "b q n h, b k n h, b k n h"),
 }
 
 
@@ -212,8 +222,8 @@ def _kernel(kind: str, num_keys: int, tiling: Tiling):
 
   def shardings(mesh, layouts: str, q_sharding) -> tuple:
     examples, _, heads, _ = (*q_sharding.spec, None, None, None, None)[:4]
-    return tuple(NamedSharding(mesh, P(examples, None, heads, None) if len(layout.split()) == 4
-                               else P(examples, heads, None)) for layout in layouts.split(", "))
+    specs = {4: P(examples, None, heads, None), 3: P(examples, heads, None), 2: P(heads, None)}
+    return tuple(NamedSharding(mesh, specs[len(layout.split())]) for layout in layouts.split(", "))
 
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
@@ -227,27 +237,36 @@ def _kernel(kind: str, num_keys: int, tiling: Tiling):
   return partitioned
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _attention(q, k, v, num_keys: int, tiling: Tiling):
-  return _kernel("forward", num_keys, tiling)(q, k, v)[0]
+# The biases, from the softmax's algebra: k's shifts all logits of a query alike, so it changes nothing (and gets
+# the sum of dk, zero up to rounding); v's adds itself to every output row (the probabilities sum to 1), so the
+# backward's Σ_j p_ij dp_ij is dout·(out − b_v); q's is added to q.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _attention(q, k, v, q_bias, k_bias, v_bias, num_keys: int, tiling: Tiling):
+  del k_bias
+  return _kernel("forward", num_keys, tiling)(q, k, v, q_bias, v_bias)[0]
 
 
-def _attention_fwd(q, k, v, num_keys, tiling):
-  out, lse = _kernel("forward", num_keys, tiling)(q, k, v)
-  return out, (q, k, v, out, lse)
+def _attention_fwd(q, k, v, q_bias, k_bias, v_bias, num_keys, tiling):
+  out, lse = _kernel("forward", num_keys, tiling)(q, k, v, q_bias, v_bias)
+  return out, (q, k, v, q_bias, k_bias, v_bias, out, lse)
 
 
 def _attention_bwd(num_keys, tiling, residuals, dout):
-  return _kernel("backward", num_keys, tiling)(*residuals, dout)
+  q, k, v, q_bias, k_bias, v_bias, out, lse = residuals
+  grads = _kernel("backward", num_keys, tiling)(q, k, v, q_bias, v_bias, out, lse, dout)
+  bias_grads = (jnp.sum(g, (0, 1), dtype=jnp.float32).astype(b.dtype) for g, b in zip(grads, (q_bias, k_bias, v_bias)))
+  return (*grads, *bias_grads)  # a bias's gradient: its tensor's, summed over examples and tokens
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def short_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_keys: "int | None" = None,
-                    tiling: Tiling = Tiling()) -> jax.Array:
+                    tiling: Tiling = Tiling(), bias: "jax.Array | None" = None) -> jax.Array:
   """Softmax attention of q [B, Tq, N, H] over k, v [B, Tk, N, H] → [B, Tq, N, H], scale H^-½; only the first
-  ``num_keys`` keys count (default: all). Differentiable in q, k and v."""
+  ``num_keys`` keys count (default: all). ``bias`` [3, N, H]: the q, k and v projections' biases, not yet added:
+  the kernels apply them (a projection whose consumer is a custom call cannot fuse its bias add, which would be a
+  kernel of its own; see ``_attention``). Differentiable in q, k, v and bias."""
   if q.ndim != 4 or k.shape != v.shape or q.shape[::2] != k.shape[::2] or q.shape[3] != k.shape[3]:
     raise ValueError(f"short_attention takes q [B, Tq, N, H] and k, v [B, Tk, N, H]; got {q.shape}, {k.shape}, "
                      f"{v.shape}")
@@ -259,4 +278,8 @@ def short_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_keys: "int | N
   num_keys = keys if num_keys is None else num_keys
   if not 1 <= num_keys <= keys:
     raise ValueError(f"num_keys must be in [1, {keys}], got {num_keys}")
-  return _attention(q, k, v, num_keys, tiling)
+  if bias is None:
+    bias = jnp.zeros((3, *q.shape[2:]), q.dtype)
+  if bias.shape != (3, *q.shape[2:]):
+    raise ValueError(f"bias must be [3, N, H] = {(3, *q.shape[2:])}, got {bias.shape}")
+  return _attention(q, k, v, *bias.astype(q.dtype), num_keys, tiling)
