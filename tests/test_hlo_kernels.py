@@ -35,16 +35,17 @@ GPU_MODULE = """HloModule jit_step, entry_computation_layout={(bf16[64,32]{1,0})
   ROOT %c = pred[] constant(true)
 }
 
-ENTRY %main.1 (a.1: bf16[64,32], w.1: bf16[32,16], q.1: bf16[2,6,4,8], k.1: bf16[2,10,4,8], init: (s32[], f32[8,4])) -> bf16[64,16] {
+ENTRY %main.1 (a.1: bf16[64,32], w.1: bf16[32,16], q.1: bf16[2,6,4,8], k.1: bf16[2,10,4,8], v.1: bf16[2,10,4,8], init: (s32[], f32[8,4])) -> bf16[64,16] {
   %a.1 = bf16[64,32]{1,0} parameter(0), metadata={op_name="a"}
   %w.1 = bf16[32,16]{1,0} parameter(1)
   %q.1 = bf16[2,6,4,8]{3,2,1,0} parameter(2)
   %k.1 = bf16[2,10,4,8]{3,2,1,0} parameter(3)
-  %init = (s32[], f32[8,4]{1,0}) parameter(4)
+  %v.1 = bf16[2,10,4,8]{3,2,1,0} parameter(4)
+  %init = (s32[], f32[8,4]{1,0}) parameter(5)
   %gemm = (bf16[64,16]{1,0}, s8[4194304]{0}) custom-call(%a.1, %w.1), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/blocks_3/fc1/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"epilogue":"DEFAULT"}}
   %out.0 = bf16[64,16]{1,0} get-tuple-element(%gemm), index=0
   %view = bf16[64,16]{1,0} bitcast(%out.0)
-  %fmha = (bf16[2,4,6,8]{3,1,2,0}, f32[2,4,6]{2,1,0}, u8[0]{0}) custom-call(%q.1, %k.1, %k.1), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/blocks_7/dot_product_attention_fwd"}
+  %fmha = (bf16[2,4,6,8]{3,1,2,0}, f32[2,4,6]{2,1,0}, u8[0]{0}) custom-call(%q.1, %k.1, %v.1), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/blocks_7/dot_product_attention_fwd"}
   %loop = (s32[], f32[8,4]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
   ROOT %gelu = bf16[64,16]{1,0} fusion(%view), kind=kLoop, calls=%fused_gelu, metadata={op_name="jit(step)/blocks_3/mlp/tanh"}
 }
@@ -84,21 +85,30 @@ def test_kernels_of_a_gpu_module_counted_by_hand():
 
 def test_pallas_kernels_short_attention_counted_as_attention():
   """Pallas calls (Triton custom calls) named by their kernel: the short_attention backward is attention with
-  2.5 × 4·B·N·T·S·H FLOPs (q [2, 6, 4, 8], k [2, 10, 4, 8]); another Pallas kernel is "pallas" without FLOPs."""
+  2.5 × 4·B·N·T·S·H FLOPs (q [2, 6, 4, 8], k [2, 10, 4, 8]), its forward 4·B·N·T·S·H also with k and v packed in
+  one array [2, 10, 2, 4, 8] (passed twice, read once); another Pallas kernel is "pallas" without FLOPs."""
   module = """HloModule jit_grad
 
-ENTRY %main (q: bf16[2,6,4,8], k: bf16[2,10,4,8], lse: f32[2,4,16]) -> bf16[2,6,4,8] {
+ENTRY %main (q: bf16[2,6,4,8], k: bf16[2,10,4,8], v: bf16[2,10,4,8], o: bf16[2,6,4,8], d: bf16[2,6,4,8], lse: f32[2,4,16], kv: bf16[2,10,2,4,8]) -> bf16[2,6,4,8] {
   %q = bf16[2,6,4,8]{3,2,1,0} parameter(0)
   %k = bf16[2,10,4,8]{3,2,1,0} parameter(1)
-  %lse = f32[2,4,16]{2,1,0} parameter(2)
-  %pallas_call.1 = (bf16[2,6,4,8]{3,2,1,0}, bf16[2,10,4,8]{3,2,1,0}, bf16[2,10,4,8]{3,2,1,0}) custom-call(%q, %k, %k, %q, %q, %lse), custom_call_target="__gpu$xla.gpu.triton", backend_config={debug = false, grid_x = 4 : i32, grid_y = 2 : i32, grid_z = 1 : i32, ir = "ML\\EFR", name = "short_attention_backward", num_stages = 2 : i32, num_warps = 8 : i32}
+  %v = bf16[2,10,4,8]{3,2,1,0} parameter(2)
+  %o = bf16[2,6,4,8]{3,2,1,0} parameter(3)
+  %d = bf16[2,6,4,8]{3,2,1,0} parameter(4)
+  %lse = f32[2,4,16]{2,1,0} parameter(5)
+  %kv = bf16[2,10,2,4,8]{4,3,2,1,0} parameter(6)
+  %pallas_call.1 = (bf16[2,6,4,8]{3,2,1,0}, bf16[2,10,4,8]{3,2,1,0}, bf16[2,10,4,8]{3,2,1,0}) custom-call(%q, %k, %v, %o, %d, %lse), custom_call_target="__gpu$xla.gpu.triton", backend_config={debug = false, grid_x = 4 : i32, grid_y = 2 : i32, grid_z = 1 : i32, ir = "ML\\EFR", name = "short_attention_backward", num_stages = 2 : i32, num_warps = 8 : i32}
+  %pallas_call.3 = (bf16[2,6,4,8]{3,2,1,0}, f32[2,4,16]{2,1,0}) custom-call(%q, %kv, %kv), custom_call_target="__gpu$xla.gpu.triton", backend_config={ir = "ML", name = "short_attention_forward", num_warps = 4 : i32}
   ROOT %pallas_call.2 = bf16[2,6,4,8]{3,2,1,0} custom-call(%q), custom_call_target="__gpu$xla.gpu.triton", backend_config={debug = false, ir = "ML", name = "scale_rows", num_warps = 4 : i32}
 }
 """
-  backward, other = hlo_kernels.kernels(module)
+  backward, forward, other = hlo_kernels.kernels(module)
+  q_bytes, k_bytes = 2 * 6 * 4 * 8 * 2, 2 * 10 * 4 * 8 * 2
   assert (backward.kind, backward.flops) == ("attention", 2.5 * 4 * 2 * 4 * 6 * 10 * 8)
-  assert backward.read == 3 * (2 * 6 * 4 * 8 * 2) + 2 * (2 * 10 * 4 * 8 * 2) + 2 * 4 * 16 * 4
-  assert backward.written == 2 * 6 * 4 * 8 * 2 + 2 * (2 * 10 * 4 * 8 * 2)
+  assert backward.read == 3 * q_bytes + 2 * k_bytes + 2 * 4 * 16 * 4
+  assert backward.written == q_bytes + 2 * k_bytes
+  assert (forward.kind, forward.flops) == ("attention", 4 * 2 * 4 * 6 * 10 * 8)
+  assert forward.read == q_bytes + 2 * k_bytes and forward.written == q_bytes + 2 * 4 * 16 * 4
   assert (other.kind, other.flops) == ("pallas", 0.0)
 
 

@@ -50,6 +50,14 @@ def test_values_and_gradients_are_xlas_attention(queries, keys, num_keys, tiling
       assert float(jnp.abs(grad[:, num_keys:]).max()) == 0.0
     moved = k.at[:, num_keys:].set(100.0), v.at[:, num_keys:].set(-100.0)
     np.testing.assert_array_equal(short_attention(q, *moved, num_keys, tiling), ours)
+  # k and v packed in one array [B, Tk, 2, N, H]: the same values, and their gradients packed alike
+  packed = lambda q, kv: short_attention(q, kv, None, num_keys, tiling)
+  loss = lambda q, kv: jnp.sum(packed(q, kv) * weights)
+  kv = jnp.stack([k, v], axis=2)
+  np.testing.assert_array_equal(packed(q, kv), ours)
+  dq, dkv = jax.grad(loss, (0, 1))(q, kv)
+  np.testing.assert_array_equal(dq, our_grads[0])
+  np.testing.assert_array_equal(dkv, jnp.stack(our_grads[1:], axis=2))
 
 
 def test_biases_added_in_the_kernels_are_biases_added_before():
@@ -67,15 +75,18 @@ def test_biases_added_in_the_kernels_are_biases_added_before():
   np.testing.assert_allclose(attention(q, k, v, "pallas", 41, bias), ref(q, k, v, bias), rtol=0, atol=2e-6)
 
 
-def test_split_over_examples_and_heads_without_collectives():
+@pytest.mark.parametrize("packed", [False, True])
+def test_split_over_examples_and_heads_without_collectives(packed):
   """Under a mesh (data × model over 8 devices) each device runs the kernels on its own examples and heads (and
-  the biases of its heads): the values and gradients of the unsplit call, the outputs split as the inputs, and no
-  collective in the program."""
+  the biases of its heads; k and v apart or packed): the values and gradients of the unsplit call, the outputs
+  split as the inputs, and no collective in the program."""
   mesh = make_mesh({"data": 4, "model": 2})
   split = NamedSharding(mesh, P("data", None, "model", None))
   q, k, v, weights = _inputs(37, 50, heads=4, batch=8)
   bias = jnp.asarray(np.random.default_rng(3).normal(size=(3, 4, 16)), jnp.float32)
-  fn = lambda *args: _values_and_grads(lambda *a: short_attention(*a, 41, SMALL_BLOCKS, bias=args[4]), *args[:4])
+  attend = lambda q, k, v, b: (short_attention(q, jnp.stack([k, v], axis=2), None, 41, SMALL_BLOCKS, bias=b)
+                               if packed else short_attention(q, k, v, 41, SMALL_BLOCKS, bias=b))
+  fn = lambda *args: _values_and_grads(lambda *a: attend(*a, args[4]), *args[:4])
   step = jax.jit(fn, in_shardings=(split,) * 4 + (NamedSharding(mesh, P(None, "model", None)),))
   got, want = step(q, k, v, weights, bias), fn(q, k, v, weights, bias)
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):

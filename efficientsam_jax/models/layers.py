@@ -68,9 +68,10 @@ def resolve_attention(implementation: str, dtype: Dtype, device: "jax.Device | N
   return "pallas" if keys is not None and head_dim is not None and fits(keys, head_dim) else "cudnn"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla",
+def attention(q: jax.Array, k: jax.Array, v: "jax.Array | None", implementation: str = "xla",
               num_keys: "int | None" = None, bias: "jax.Array | None" = None) -> jax.Array:
-  """Softmax attention on [..., T, N, H] (tokens, heads, head dim) → [..., T, N, H].
+  """Softmax attention on [..., T, N, H] (tokens, heads, head dim) → [..., T, N, H]; v None: k holds k and v,
+  packed [..., S, 2, N, H] (one projection's output, which the Pallas kernels read as it is).
 
   "xla": heads-first matmuls with the scale folded into q: on CPU this avoids
   the extra copy of the T×T probabilities that ``jax.nn.dot_product_attention``
@@ -88,10 +89,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "x
   projections' biases, not yet added (the Pallas kernels add them as they load q, k and v, which saves a kernel per
   projection; the others add them first).
   """
-  implementation = resolve_attention(implementation, q.dtype, keys=k.shape[-3], head_dim=q.shape[-1])
+  keys = k.shape[-3] if v is not None else k.shape[-4]
+  implementation = resolve_attention(implementation, q.dtype, keys=keys, head_dim=q.shape[-1])
   if implementation == "pallas":
-    examples = lambda t: t.reshape(-1, *t.shape[-3:])
+    examples = lambda t: None if t is None else t.reshape(-1, *t.shape[q.ndim - 3:])
     return short_attention(examples(q), examples(k), examples(v), num_keys, bias=bias).reshape(q.shape)
+  if v is None:
+    k, v = k[..., 0, :, :], k[..., 1, :, :]
   if bias is not None:
     q, k, v = (t + b.astype(t.dtype) for t, b in zip((q, k, v), bias))
   if implementation == "cudnn":
@@ -287,9 +291,13 @@ class Kernels:
       if getattr(self, field) not in allowed:
         raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
 
-  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, num_keys: "int | None" = None,
+  def attend(self, q: jax.Array, k: jax.Array, v: "jax.Array | None", num_keys: "int | None" = None,
              bias: "jax.Array | None" = None) -> jax.Array:
     return attention(q, k, v, self.attention, num_keys, bias)
+
+  def implementation(self, keys: int, head_dim: int, dtype: Dtype) -> str:
+    """The attention that ``attend`` runs over ``keys`` keys of ``head_dim`` channels (``resolve_attention``)."""
+    return resolve_attention(self.attention, dtype, keys=keys, head_dim=head_dim)
 
   def token_padding(self, tokens: int, head_dim: int, dtype: Dtype, keys: "int | None" = None) -> int:
     """Rows a block adds to its ``tokens`` before the projections that feed an attention over ``keys`` keys
@@ -299,8 +307,7 @@ class Kernels:
     a copy of q, k, v or the output (H100 compile of the SAMI ViT-S step: 3.6 GB of 62 per step, BENCHMARKS.md).
     The padded rows are keys that ``attend(..., num_keys=tokens)`` masks out and queries whose outputs the
     block drops."""
-    implementation = resolve_attention(self.attention, dtype, keys=tokens if keys is None else keys, head_dim=head_dim)
-    return tokens % 2 if implementation == "cudnn" else 0
+    return tokens % 2 if self.implementation(tokens if keys is None else keys, head_dim, dtype) == "cudnn" else 0
 
   def norm(self, eps: float, name: str, dtype: Dtype) -> LayerNorm:
     return layer_norm(eps, name, dtype, one_pass=self.layer_norm == "one_pass", lean=self.backward == "lean")

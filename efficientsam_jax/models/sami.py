@@ -157,14 +157,18 @@ class CrossAttentionBlock(nn.Module):
     num_queries, num_keys = q_in.shape[1], kv_in.shape[1]
     q_in = pad_tokens(q_in, kern.token_padding(num_queries, head, self.dtype, keys=num_keys))
     kv_in = pad_tokens(kv_in, kern.token_padding(num_keys, head, self.dtype))
-
-    def project(name: str, x: jax.Array) -> tuple[jax.Array, jax.Array]:  # nn.Dense without its bias add
-      kernel, bias = DenseParams(width, name=name)(x.shape[-1])
-      return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)), bias
-
-    (q, q_bias), (k, k_bias), (v, v_bias) = project("q", q_in), project("k", kv_in), project("v", kv_in)
-    bias = jnp.stack([q_bias, k_bias, v_bias]).reshape(3, self.num_heads, head)  # added by the attention
-    out = kern.attend(split(q), split(k), split(v), num_keys, bias).reshape(q.shape)
+    # q, k and v as nn.Dense("q"|"k"|"v") would give them, their biases left to the attention (a bias add before a
+    # custom call would be a kernel of its own); k and v from one matmul, except for cuDNN, whose custom call would
+    # need them copied apart (the backward then also takes their gradients back through one matmul, not two).
+    (wq, bq), (wk, bk), (wv, bv) = (DenseParams(width, name=name)(width) for name in "qkv")
+    dot = lambda x, kernel: jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    q = dot(q_in, wq)
+    if kern.implementation(num_keys, head, self.dtype) == "cudnn":
+      k, v = split(dot(kv_in, wk)), split(dot(kv_in, wv))
+    else:  # [B, Tk, 2, N, H]
+      k, v = dot(kv_in, jnp.concatenate([wk, wv], axis=1)).reshape(*kv_in.shape[:-1], 2, self.num_heads, head), None
+    bias = jnp.stack([bq, bk, bv]).reshape(3, self.num_heads, head)
+    out = kern.attend(split(q), k, v, num_keys, bias).reshape(q.shape)
     queries = queries + nn.Dense(width, dtype=self.dtype, name="proj")(out)[:, :num_queries]
     return queries + Mlp(4 * width, dtype=self.dtype, kernels=kern, name="mlp")(
         kern.norm(1e-6, "norm2", self.dtype)(queries))

@@ -14,7 +14,9 @@ of its (example, head) at once:
 
 The q, k and v projections' biases can be left to the kernels (``bias``): q's is added as q is loaded, v's to the
 output, and k's drops out of the softmax. Added before, each would be a kernel of its own, since a projection's
-bias add cannot fuse into a custom call (SAMI's decoder: 2.25 of the ViT-S step's 62 GB, compiled for an H100).
+bias add cannot fuse into a custom call. k and v may come packed in one array (one projection's output), which the
+kernels read as it is, and the backward then writes dk and dv into one such array. SAMI's decoder does both: the
+ViT-S step compiled for an H100 moves 57.1 GB instead of 62.0 (BENCHMARKS.md).
 
 Measured on an H200 at batch 256 (BENCHMARKS.md, thirteenth session): the decoder's attention forward 0.18 ms
 against cuDNN's 0.30, forward and backward 0.84 ms against 0.89; the ViT-S encoder's (49 tokens, 6 heads of 64)
@@ -161,16 +163,29 @@ def _per_platform(fn):
                                                   default=functools.partial(fn, interpret=True))
 
 
+def _key_specs(k, block: tuple, index) -> list:
+  """The BlockSpecs of k and v, blocks of ``block`` (rows, heads, head; heads None: one, squeezed), ``index(*grid
+  indices)`` → (example, row block, head block): two arrays [B, Tk, N, H], or one [B, Tk, 2, N, H] holding both
+  (passed twice)."""
+  rows, heads, head = block
+  if k.ndim == 4:
+    return [pl.BlockSpec((None, rows, heads, head), lambda *grid: (*index(*grid), 0))] * 2
+
+  def slot(s):
+    return pl.BlockSpec((None, rows, None, heads, head), lambda *grid: (*index(*grid)[:2], s, index(*grid)[2], 0))
+  return [slot(0), slot(1)]
+
+
 def _forward(q, k, v, q_bias, v_bias, num_keys: int, tiling: Tiling, interpret: bool):
   batch, queries, heads, head = q.shape
   blocks, group = pl.cdiv(queries, tiling.block_q), math.gcd(heads, tiling.heads_per_program)
   kernel = functools.partial(_forward_kernel, queries=queries, keys=k.shape[1], num_keys=num_keys)
   # grid (query block, head group, example): the program's query block, every key of its heads
   query_spec = pl.BlockSpec((None, tiling.block_q, group, head), lambda i, n, b: (b, i, n, 0))
-  key_spec = pl.BlockSpec((None, key_tile(k.shape[1]), group, head), lambda i, n, b: (b, 0, n, 0))
   bias_spec = pl.BlockSpec((group, head), lambda i, n, b: (n, 0))
+  key_specs = _key_specs(k, (key_tile(k.shape[1]), group, head), lambda i, n, b: (b, 0, n))
   return pl.pallas_call(
-      kernel, grid=(blocks, heads // group, batch), in_specs=[query_spec, key_spec, key_spec, bias_spec, bias_spec],
+      kernel, grid=(blocks, heads // group, batch), in_specs=[query_spec, *key_specs, bias_spec, bias_spec],
       out_specs=[query_spec, pl.BlockSpec((None, group, tiling.block_q), lambda i, n, b: (b, n, i))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, blocks * tiling.block_q), jnp.float32)],
@@ -185,44 +200,55 @@ def _backward(q, k, v, q_bias, v_bias, out, lse, dout, num_keys: int, tiling: Ti
   if key_block < 16:
     raise ValueError(f"key_blocks_backward {key_blocks} leaves {key_block} keys per program, fewer than a tile's 16")
   query_spec = pl.BlockSpec((None, rows, None, head), lambda j, n, b: (b, 0, n, 0))
-  key_spec = pl.BlockSpec((None, key_block, None, head), lambda j, n, b: (b, j, n, 0))
+  key_specs = _key_specs(k, (key_block, None, head), lambda j, n, b: (b, j, n))
+  if k.ndim == 4:  # dk and dv
+    key_out_specs, key_out_shapes = key_specs, [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2
+  else:  # one array [B, Tk, 2, N, H]
+    key_out_specs = [pl.BlockSpec((None, key_block, 2, None, head), lambda j, n, b: (b, j, 0, n, 0))]
+    key_out_shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype)]
   if key_blocks == 1:  # dq complete in one program
     dq_spec, dq_shape = query_spec, jax.ShapeDtypeStruct(q.shape, q.dtype)
   else:  # one partial dq per key block, in fp32
     dq_spec = pl.BlockSpec((None, None, rows, None, head), lambda j, n, b: (j, b, 0, n, 0))
     dq_shape = jax.ShapeDtypeStruct((key_blocks, *q.shape), jnp.float32)
   kernel = functools.partial(_backward_kernel, queries=queries, keys=k.shape[1], num_keys=num_keys, block_q=block_q)
-  dq, dk, dv = pl.pallas_call(
+  if k.ndim == 5:  # dk and dv into the two slots of one output
+    kernel = lambda *refs, body=kernel: body(*refs[:-1], *(refs[-1].at[:, jnp.int32(s), :] for s in (0, 1)))
+  dq, *dkv = pl.pallas_call(
       kernel, grid=(key_blocks, heads, batch),
-      in_specs=[query_spec, key_spec, key_spec] + [pl.BlockSpec((None, head), lambda j, n, b: (n, 0))] * 2 + [
+      in_specs=[query_spec, *key_specs] + [pl.BlockSpec((None, head), lambda j, n, b: (n, 0))] * 2 + [
           query_spec, query_spec, pl.BlockSpec((None, None, rows), lambda j, n, b: (b, n, 0))],
-      out_specs=[dq_spec, key_spec, key_spec],
-      out_shape=[dq_shape, jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_specs=[dq_spec, *key_out_specs], out_shape=[dq_shape, *key_out_shapes],
       compiler_params=plt.CompilerParams(num_warps=tiling.warps_backward, num_stages=2), interpret=interpret,
       name="short_attention_backward")(q, k, v, q_bias, v_bias, out, dout, lse)
-  return (dq if key_blocks == 1 else dq.sum(0).astype(q.dtype)), dk, dv
+  return (dq if key_blocks == 1 else dq.sum(0).astype(q.dtype)), *dkv
 
 
-# Each kernel's arrays, einsum-like: b examples, n heads (both may be split over devices), q and k tokens, h channels
-# and l the log-sum-exp's query rows (each kernel needs them whole).
+# Each kernel's arrays, einsum-like: b examples, n heads (both may be split over devices), q and k tokens, h channels,
+# l the log-sum-exp's query rows and s the slots of k and v packed in one array (each kernel needs those whole).
+# KV: k and v as two arrays, or as one (passed twice); in the backward's outputs, dk and dv likewise.
 _LAYOUTS = {
-    "forward": ("b q n h, b k n h, b k n h, n h, n h", "b q n h, b n l"),
-    "backward": ("b q n h, b k n h, b k n h, n h, n h, b q n h, b n l, b q n h", "b q n h, b k n h, b k n h"),
+    "forward": ("b q n h, KV, n h, n h", "b q n h, b n l"),
+    "backward": ("b q n h, KV, n h, n h, b q n h, b n l, b q n h", "b q n h, KV"),
 }
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(kind: str, num_keys: int, tiling: Tiling):
+def _kernel(kind: str, num_keys: int, tiling: Tiling, packed: bool):
   """The "forward" or "backward" kernel, partitioned over examples and heads: under a mesh each device runs it on
   its own examples and heads, with no collectives (a Pallas call alone would be given every example: XLA
-  cannot see into it, so it gathers its operands)."""
+  cannot see into it, so it gathers its operands). ``packed``: k and v come in one [B, Tk, 2, N, H] array."""
   run = _per_platform(functools.partial(_forward if kind == "forward" else _backward, num_keys=num_keys,
                                         tiling=tiling))
-  inputs, outputs = _LAYOUTS[kind]
+  key_value = "b k s n h" if packed else "b k n h"
+  inputs, outputs = (layout.replace("KV", f"{key_value}, {key_value}") for layout in _LAYOUTS[kind])
+  if packed:
+    outputs = outputs.replace(f"{key_value}, {key_value}", key_value)  # dk and dv in one array
 
   def shardings(mesh, layouts: str, q_sharding) -> tuple:
     examples, _, heads, _ = (*q_sharding.spec, None, None, None, None)[:4]
-    specs = {4: P(examples, None, heads, None), 3: P(examples, heads, None), 2: P(heads, None)}
+    specs = {5: P(examples, None, None, heads, None), 4: P(examples, None, heads, None), 3: P(examples, heads, None),
+             2: P(heads, None)}
     return tuple(NamedSharding(mesh, specs[len(layout.split())]) for layout in layouts.split(", "))
 
   def partition(mesh, arg_shapes, result_shape):
@@ -233,43 +259,55 @@ def _kernel(kind: str, num_keys: int, tiling: Tiling):
   partitioned = custom_partitioning(run)
   partitioned.def_partition(
       partition, infer_sharding_from_operands=lambda mesh, args, _: shardings(mesh, outputs, args[0].sharding),
-      sharding_rule=f"{inputs} -> {outputs}", need_replication_factors=("q", "h", "k", "l"))  # in order of use
+      sharding_rule=f"{inputs} -> {outputs}",
+      need_replication_factors=("q", "h", "k", "s", "l") if packed else ("q", "h", "k", "l"))  # in order of use
   return partitioned
 
 
 # The biases, from the softmax's algebra: k's shifts all logits of a query alike, so it changes nothing (and gets
 # the sum of dk, zero up to rounding); v's adds itself to every output row (the probabilities sum to 1), so the
 # backward's Σ_j p_ij dp_ij is dout·(out − b_v); q's is added to q.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _attention(q, k, v, q_bias, k_bias, v_bias, num_keys: int, tiling: Tiling):
-  del k_bias
-  return _kernel("forward", num_keys, tiling)(q, k, v, q_bias, v_bias)[0]
+# kv: the pair (k, v), or one array [B, Tk, 2, N, H] holding both; bias [3, N, H].
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _attention(q, kv, bias, num_keys: int, tiling: Tiling):
+  return _attention_fwd(q, kv, bias, num_keys, tiling)[0]
 
 
-def _attention_fwd(q, k, v, q_bias, k_bias, v_bias, num_keys, tiling):
-  out, lse = _kernel("forward", num_keys, tiling)(q, k, v, q_bias, v_bias)
-  return out, (q, k, v, q_bias, k_bias, v_bias, out, lse)
+def _key_operands(kv) -> tuple:
+  return kv if isinstance(kv, tuple) else (kv, kv)
+
+
+def _attention_fwd(q, kv, bias, num_keys, tiling):
+  packed = not isinstance(kv, tuple)
+  out, lse = _kernel("forward", num_keys, tiling, packed)(q, *_key_operands(kv), bias[0], bias[2])
+  return out, (q, kv, bias, out, lse)
 
 
 def _attention_bwd(num_keys, tiling, residuals, dout):
-  q, k, v, q_bias, k_bias, v_bias, out, lse = residuals
-  grads = _kernel("backward", num_keys, tiling)(q, k, v, q_bias, v_bias, out, lse, dout)
-  bias_grads = (jnp.sum(g, (0, 1), dtype=jnp.float32).astype(b.dtype) for g, b in zip(grads, (q_bias, k_bias, v_bias)))
-  return (*grads, *bias_grads)  # a bias's gradient: its tensor's, summed over examples and tokens
+  q, kv, bias, out, lse = residuals
+  packed = not isinstance(kv, tuple)
+  dq, *dkv = _kernel("backward", num_keys, tiling, packed)(q, *_key_operands(kv), bias[0], bias[2], out, lse, dout)
+  dk, dv = (dkv[0][:, :, 0], dkv[0][:, :, 1]) if packed else dkv
+  # a bias's gradient: its tensor's, summed over examples and tokens
+  dbias = jnp.stack([jnp.sum(g, (0, 1), dtype=jnp.float32) for g in (dq, dk, dv)]).astype(bias.dtype)
+  return dq, (dkv[0] if packed else tuple(dkv)), dbias
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def short_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_keys: "int | None" = None,
+def short_attention(q: jax.Array, k: jax.Array, v: "jax.Array | None", num_keys: "int | None" = None,
                     tiling: Tiling = Tiling(), bias: "jax.Array | None" = None) -> jax.Array:
   """Softmax attention of q [B, Tq, N, H] over k, v [B, Tk, N, H] → [B, Tq, N, H], scale H^-½; only the first
-  ``num_keys`` keys count (default: all). ``bias`` [3, N, H]: the q, k and v projections' biases, not yet added:
+  ``num_keys`` keys count (default: all). With v None, k holds both, packed [B, Tk, 2, N, H] (one projection's
+  output: the kernels read each from it, and the backward writes dk and dv into one such array, so one matmul
+  takes them back). ``bias`` [3, N, H]: the q, k and v projections' biases, not yet added:
   the kernels apply them (a projection whose consumer is a custom call cannot fuse its bias add, which would be a
   kernel of its own; see ``_attention``). Differentiable in q, k, v and bias."""
-  if q.ndim != 4 or k.shape != v.shape or q.shape[::2] != k.shape[::2] or q.shape[3] != k.shape[3]:
-    raise ValueError(f"short_attention takes q [B, Tq, N, H] and k, v [B, Tk, N, H]; got {q.shape}, {k.shape}, "
-                     f"{v.shape}")
+  packed = k.shape if v is None else (*k.shape[:2], 2, *k.shape[2:])
+  if q.ndim != 4 or (v is not None and k.shape != v.shape) or packed[:1] + packed[2:] != (q.shape[0], 2, *q.shape[2:]):
+    raise ValueError(f"short_attention takes q [B, Tq, N, H] and k, v [B, Tk, N, H] (or k [B, Tk, 2, N, H] and v "
+                     f"None); got {q.shape}, {k.shape}, {None if v is None else v.shape}")
   head, keys = q.shape[3], k.shape[1]
   if head < 16 or head & (head - 1):
     raise ValueError(f"short_attention needs a head dim that is a power of 2 from 16 on, got {head}")
@@ -282,4 +320,4 @@ def short_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_keys: "int | N
     bias = jnp.zeros((3, *q.shape[2:]), q.dtype)
   if bias.shape != (3, *q.shape[2:]):
     raise ValueError(f"bias must be [3, N, H] = {(3, *q.shape[2:])}, got {bias.shape}")
-  return _attention(q, k, v, *bias.astype(q.dtype), num_keys, tiling)
+  return _attention(q, k if v is None else (k, v), bias.astype(q.dtype), num_keys, tiling)

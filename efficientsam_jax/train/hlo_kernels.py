@@ -343,7 +343,8 @@ def kernels(hlo_text: str) -> list[Kernel]:
               yield from walk(called, repeat * (_trip_count(instruction) if key == "body" else 1))
         continue
       source = re.search(r'op_name="([^"]*)"', instruction.attributes)
-      read = sum(nbytes(shapes.get(o, "")) for o in instruction.operands)
+      # an array passed twice is read once (e.g. k and v packed in one array, a half through each operand)
+      read = sum(nbytes(shapes.get(o, "")) for o in dict.fromkeys(instruction.operands))
       flops = _flops(instruction, computations, shapes)
       kind = "gemm" if flops and instruction.opcode == "fusion" else _kind(instruction)  # e.g. a Triton GEMM fusion
       kernel = Kernel(instruction.name, kind, read, _written(instruction), flops, source.group(1) if source else "")
