@@ -75,17 +75,36 @@ def test_biases_added_in_the_kernels_are_biases_added_before():
   np.testing.assert_allclose(attention(q, k, v, "pallas", 41, bias), ref(q, k, v, bias), rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_split_over_examples_and_heads_without_collectives(packed):
+@pytest.mark.parametrize("tokens, num_keys", [(37, 33), (5, None)])
+def test_q_k_v_packed_in_one_array_are_the_three_apart(tokens, num_keys):
+  """q, k and v packed [B, T, 3, N, H] (a fused qkv projection's output): the values of the three apart, and dq,
+  dk and dv packed alike (with 5 tokens the backward's query block, 32, outgrows the key tile, 16)."""
+  q, k, v, weights = _inputs(tokens, tokens, heads=4)
+  bias = jnp.asarray(np.random.default_rng(3).normal(size=(3, 4, 16)), jnp.float32)
+  tiling = Tiling(16, 4, 32, 4)
+  apart = lambda q, k, v, b: short_attention(q, k, v, num_keys, tiling, bias=b)
+  packed = lambda qkv, b: short_attention(qkv, None, None, num_keys, tiling, bias=b)
+  qkv = jnp.stack([q, k, v], axis=2)
+  np.testing.assert_array_equal(packed(qkv, bias), apart(q, k, v, bias))
+  *grads, dbias = jax.grad(lambda *a: jnp.sum(apart(*a) * weights), (0, 1, 2, 3))(q, k, v, bias)
+  packed_grads = jax.grad(lambda *a: jnp.sum(packed(*a) * weights), (0, 1))(qkv, bias)
+  np.testing.assert_array_equal(packed_grads[0], jnp.stack(grads, axis=2))
+  np.testing.assert_array_equal(packed_grads[1], dbias)
+
+
+@pytest.mark.parametrize("packing", ["", "kv", "qkv"])
+def test_split_over_examples_and_heads_without_collectives(packing):
   """Under a mesh (data × model over 8 devices) each device runs the kernels on its own examples and heads (and
-  the biases of its heads; k and v apart or packed): the values and gradients of the unsplit call, the outputs
+  the biases of its heads; q, k and v apart or packed): the values and gradients of the unsplit call, the outputs
   split as the inputs, and no collective in the program."""
   mesh = make_mesh({"data": 4, "model": 2})
   split = NamedSharding(mesh, P("data", None, "model", None))
-  q, k, v, weights = _inputs(37, 50, heads=4, batch=8)
+  q, k, v, weights = _inputs(37, 37 if packing == "qkv" else 50, heads=4, batch=8)
   bias = jnp.asarray(np.random.default_rng(3).normal(size=(3, 4, 16)), jnp.float32)
-  attend = lambda q, k, v, b: (short_attention(q, jnp.stack([k, v], axis=2), None, 41, SMALL_BLOCKS, bias=b)
-                               if packed else short_attention(q, k, v, 41, SMALL_BLOCKS, bias=b))
+  operands = {"": lambda q, k, v: (q, k, v), "kv": lambda q, k, v: (q, jnp.stack([k, v], axis=2), None),
+              "qkv": lambda q, k, v: (jnp.stack([q, k, v], axis=2), None, None)}[packing]
+  attend = lambda q, k, v, b: short_attention(*operands(q, k, v), 41 if packing != "qkv" else 33, SMALL_BLOCKS,
+                                              bias=b)
   fn = lambda *args: _values_and_grads(lambda *a: attend(*a, args[4]), *args[:4])
   step = jax.jit(fn, in_shardings=(split,) * 4 + (NamedSharding(mesh, P(None, "model", None)),))
   got, want = step(q, k, v, weights, bias), fn(q, k, v, weights, bias)
@@ -139,6 +158,9 @@ def test_shapes_it_cannot_hold_are_refused():
     short_attention(q, k, v, num_keys=0)
   with pytest.raises(ValueError, match=r"\[B, Tq, N, H\]"):
     short_attention(q, k[:, :, :2], v[:, :, :2])
+  with pytest.raises(ValueError, match="key_blocks_backward 1"):  # a packed q, k, v: dq whole in one program
+    qkv = jnp.stack(_inputs(37, 37)[:3], axis=2)
+    jax.grad(lambda qkv: short_attention(qkv, None, None, tiling=Tiling(key_blocks_backward=2)).sum())(qkv)
   with pytest.raises(ValueError, match=r"bias must be \[3, N, H\]"):
     short_attention(q, k, v, bias=jnp.zeros((3, 16)))
   with pytest.raises(ValueError, match="power of 2"):

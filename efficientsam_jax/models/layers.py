@@ -68,10 +68,11 @@ def resolve_attention(implementation: str, dtype: Dtype, device: "jax.Device | N
   return "pallas" if keys is not None and head_dim is not None and fits(keys, head_dim) else "cudnn"
 
 
-def attention(q: jax.Array, k: jax.Array, v: "jax.Array | None", implementation: str = "xla",
+def attention(q: jax.Array, k: "jax.Array | None", v: "jax.Array | None", implementation: str = "xla",
               num_keys: "int | None" = None, bias: "jax.Array | None" = None) -> jax.Array:
-  """Softmax attention on [..., T, N, H] (tokens, heads, head dim) → [..., T, N, H]; v None: k holds k and v,
-  packed [..., S, 2, N, H] (one projection's output, which the Pallas kernels read as it is).
+  """Softmax attention on [..., T, N, H] (tokens, heads, head dim) → [..., T, N, H]. Packed operands (one
+  projection's output, which the Pallas kernels read as it is): v None, k holds k and v [..., S, 2, N, H]; k and v
+  None, q holds q, k and v [..., T, 3, N, H].
 
   "xla": heads-first matmuls with the scale folded into q: on CPU this avoids
   the extra copy of the T×T probabilities that ``jax.nn.dot_product_attention``
@@ -89,12 +90,15 @@ def attention(q: jax.Array, k: jax.Array, v: "jax.Array | None", implementation:
   projections' biases, not yet added (the Pallas kernels add them as they load q, k and v, which saves a kernel per
   projection; the others add them first).
   """
-  keys = k.shape[-3] if v is not None else k.shape[-4]
+  shape = q.shape if k is not None else (*q.shape[:-3], *q.shape[-2:])  # the output's
+  keys = q.shape[-4] if k is None else k.shape[-4] if v is None else k.shape[-3]
   implementation = resolve_attention(implementation, q.dtype, keys=keys, head_dim=q.shape[-1])
   if implementation == "pallas":
-    examples = lambda t: None if t is None else t.reshape(-1, *t.shape[q.ndim - 3:])
-    return short_attention(examples(q), examples(k), examples(v), num_keys, bias=bias).reshape(q.shape)
-  if v is None:
+    examples = lambda t: None if t is None else t.reshape(-1, *t.shape[len(shape) - 3:])
+    return short_attention(examples(q), examples(k), examples(v), num_keys, bias=bias).reshape(shape)
+  if k is None:
+    q, k, v = (q[..., s, :, :] for s in range(3))
+  elif v is None:
     k, v = k[..., 0, :, :], k[..., 1, :, :]
   if bias is not None:
     q, k, v = (t + b.astype(t.dtype) for t, b in zip((q, k, v), bias))
@@ -291,7 +295,7 @@ class Kernels:
       if getattr(self, field) not in allowed:
         raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
 
-  def attend(self, q: jax.Array, k: jax.Array, v: "jax.Array | None", num_keys: "int | None" = None,
+  def attend(self, q: jax.Array, k: "jax.Array | None", v: "jax.Array | None", num_keys: "int | None" = None,
              bias: "jax.Array | None" = None) -> jax.Array:
     return attention(q, k, v, self.attention, num_keys, bias)
 

@@ -125,6 +125,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_bias_ref, v_bias_ref, out_ref, lse_re
     jax.lax.fori_loop(0, heads, one_head, None)
 
 
+def _store(target, value: jax.Array, valid: jax.Array, rows=slice(None)):
+  """``value`` [rows, H] into ``target``'s ``rows`` where ``valid`` [rows]: a ref [R, H], or (ref [R, S, H], slot)
+  for a slot of a packed output (one indexing: Pallas's interpret mode does not compose views)."""
+  ref, index = (target[0], (rows, jnp.int32(target[1]), slice(None))) if isinstance(target, tuple) else (
+      target, (rows, slice(None)))
+  plt.store(ref.at[index], value.astype(ref.dtype), mask=valid[:, None])
+
+
 def _backward_kernel(q_ref, k_ref, v_ref, q_bias_ref, v_bias_ref, out_ref, dout_ref, lse_ref, dq_ref, dk_ref, dv_ref,
                      *, queries: int, keys: int, num_keys: int, block_q: int):
   tile, head = k_ref.shape  # this program's keys: block program_id(0) of the head's
@@ -148,13 +156,13 @@ def _backward_kernel(q_ref, k_ref, v_ref, q_bias_ref, v_bias_ref, out_ref, dout_
     delta = jnp.sum(dout.astype(jnp.float32) * (out.astype(jnp.float32) - v_bias[None, :]), axis=1)  # Σ_j p_ij dp_ij
     dlogits_t = (p_t * (_dot(v, dout, (1, 1)) - delta[None, :])).astype(q.dtype)
     dk = dk + _dot(dlogits_t, q, (1, 0))
-    plt.store(dq_ref.at[rows, :], (_dot(dlogits_t, k, (0, 0)) * scale).astype(dq_ref.dtype), mask=valid[:, None])
+    _store(dq_ref, _dot(dlogits_t, k, (0, 0)) * scale, valid, rows)
     return dk, dv
 
   zeros = jnp.zeros((tile, head), jnp.float32)
   dk, dv = jax.lax.fori_loop(0, pl.cdiv(queries, block_q), query_block, (zeros, zeros))
-  plt.store(dk_ref, (dk * scale).astype(dk_ref.dtype), mask=key_valid[:, None])
-  plt.store(dv_ref, dv.astype(dv_ref.dtype), mask=key_valid[:, None])
+  _store(dk_ref, dk * scale, key_valid)
+  _store(dv_ref, dv, key_valid)
 
 
 def _per_platform(fn):
@@ -163,152 +171,180 @@ def _per_platform(fn):
                                                   default=functools.partial(fn, interpret=True))
 
 
-def _key_specs(k, block: tuple, index) -> list:
-  """The BlockSpecs of k and v, blocks of ``block`` (rows, heads, head; heads None: one, squeezed), ``index(*grid
-  indices)`` → (example, row block, head block): two arrays [B, Tk, N, H], or one [B, Tk, 2, N, H] holding both
-  (passed twice)."""
-  rows, heads, head = block
-  if k.ndim == 4:
-    return [pl.BlockSpec((None, rows, heads, head), lambda *grid: (*index(*grid), 0))] * 2
-
-  def slot(s):
-    return pl.BlockSpec((None, rows, None, heads, head), lambda *grid: (*index(*grid)[:2], s, index(*grid)[2], 0))
-  return [slot(0), slot(1)]
+def _spec(array, position: int, rows: int, heads: "int | None", head: int, index) -> pl.BlockSpec:
+  """The BlockSpec of q, k or v (``position`` 0, 1, 2) given as ``array``: [B, T, N, H], or [B, T, S, N, H] holding
+  the last S of q, k and v packed. Blocks of ``rows`` × ``heads`` (None: one, squeezed) × ``head`` at
+  ``index(*grid indices)`` → (example, row block, head block)."""
+  if array.ndim == 4:
+    return pl.BlockSpec((None, rows, heads, head), lambda *grid: (*index(*grid), 0))
+  slot = position - 3 + array.shape[2]
+  return pl.BlockSpec((None, rows, None, heads, head), lambda *grid: (*index(*grid)[:2], slot, index(*grid)[2], 0))
 
 
 def _forward(q, k, v, q_bias, v_bias, num_keys: int, tiling: Tiling, interpret: bool):
-  batch, queries, heads, head = q.shape
+  batch, queries, heads, head = q.shape[0], q.shape[1], *q.shape[-2:]
+  keys = k.shape[1]
   blocks, group = pl.cdiv(queries, tiling.block_q), math.gcd(heads, tiling.heads_per_program)
-  kernel = functools.partial(_forward_kernel, queries=queries, keys=k.shape[1], num_keys=num_keys)
+  kernel = functools.partial(_forward_kernel, queries=queries, keys=keys, num_keys=num_keys)
   # grid (query block, head group, example): the program's query block, every key of its heads
-  query_spec = pl.BlockSpec((None, tiling.block_q, group, head), lambda i, n, b: (b, i, n, 0))
+  query_spec = _spec(q, 0, tiling.block_q, group, head, lambda i, n, b: (b, i, n))
+  key_specs = [_spec(t, position, key_tile(keys), group, head, lambda i, n, b: (b, 0, n))
+               for position, t in ((1, k), (2, v))]
   bias_spec = pl.BlockSpec((group, head), lambda i, n, b: (n, 0))
-  key_specs = _key_specs(k, (key_tile(k.shape[1]), group, head), lambda i, n, b: (b, 0, n))
   return pl.pallas_call(
       kernel, grid=(blocks, heads // group, batch), in_specs=[query_spec, *key_specs, bias_spec, bias_spec],
-      out_specs=[query_spec, pl.BlockSpec((None, group, tiling.block_q), lambda i, n, b: (b, n, i))],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_specs=[pl.BlockSpec((None, tiling.block_q, group, head), lambda i, n, b: (b, i, n, 0)),
+                 pl.BlockSpec((None, group, tiling.block_q), lambda i, n, b: (b, n, i))],
+      out_shape=[jax.ShapeDtypeStruct((batch, queries, heads, head), q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, blocks * tiling.block_q), jnp.float32)],
       compiler_params=plt.CompilerParams(num_warps=tiling.warps, num_stages=1 if group == 1 else 2),
       interpret=interpret, name="short_attention_forward")(q, k, v, q_bias, v_bias)
 
 
 def _backward(q, k, v, q_bias, v_bias, out, lse, dout, num_keys: int, tiling: Tiling, interpret: bool):
-  batch, queries, heads, head = q.shape
+  batch, queries, heads, head = out.shape
+  keys = k.shape[1]
   block_q, key_blocks = tiling.block_q_backward, tiling.key_blocks_backward
-  rows, key_block = pl.cdiv(queries, block_q) * block_q, key_tile(k.shape[1]) // key_blocks
+  rows, key_block = pl.cdiv(queries, block_q) * block_q, key_tile(keys) // key_blocks
   if key_block < 16:
     raise ValueError(f"key_blocks_backward {key_blocks} leaves {key_block} keys per program, fewer than a tile's 16")
+  if q.ndim == 5:  # q, k and v packed: one block of rows holds a head's queries and keys (each a power of 2 ≥ 16)
+    if key_blocks > 1:
+      raise ValueError("q, k and v packed in one array need key_blocks_backward 1 (dq whole in one program)")
+    key_block = max(key_block, rows)
   query_spec = pl.BlockSpec((None, rows, None, head), lambda j, n, b: (b, 0, n, 0))
-  key_specs = _key_specs(k, (key_block, None, head), lambda j, n, b: (b, j, n))
-  if k.ndim == 4:  # dk and dv
-    key_out_specs, key_out_shapes = key_specs, [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2
-  else:  # one array [B, Tk, 2, N, H]
-    key_out_specs = [pl.BlockSpec((None, key_block, 2, None, head), lambda j, n, b: (b, j, 0, n, 0))]
-    key_out_shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype)]
-  if key_blocks == 1:  # dq complete in one program
-    dq_spec, dq_shape = query_spec, jax.ShapeDtypeStruct(q.shape, q.dtype)
-  else:  # one partial dq per key block, in fp32
-    dq_spec = pl.BlockSpec((None, None, rows, None, head), lambda j, n, b: (j, b, 0, n, 0))
-    dq_shape = jax.ShapeDtypeStruct((key_blocks, *q.shape), jnp.float32)
-  kernel = functools.partial(_backward_kernel, queries=queries, keys=k.shape[1], num_keys=num_keys, block_q=block_q)
-  if k.ndim == 5:  # dk and dv into the two slots of one output
-    kernel = lambda *refs, body=kernel: body(*refs[:-1], *(refs[-1].at[:, jnp.int32(s), :] for s in (0, 1)))
-  dq, *dkv = pl.pallas_call(
-      kernel, grid=(key_blocks, heads, batch),
-      in_specs=[query_spec, *key_specs] + [pl.BlockSpec((None, head), lambda j, n, b: (n, 0))] * 2 + [
+  in_specs = [_spec(q, 0, rows, None, head, lambda j, n, b: (b, 0, n))] + [
+      _spec(t, position, key_block, None, head, lambda j, n, b: (b, j, n)) for position, t in ((1, k), (2, v))]
+  # the outputs: dq, dk and dv, or one array with the packed ones
+  if q.ndim == 5:  # all three: one program writes its head's dq, dk and dv
+    out_specs = [pl.BlockSpec((None, key_block, 3, None, head), lambda j, n, b: (b, 0, 0, n, 0))]
+    out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  else:
+    if key_blocks == 1:  # dq complete in one program
+      out_specs, out_shapes = [query_spec], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    else:  # one partial dq per key block, in fp32
+      out_specs = [pl.BlockSpec((None, None, rows, None, head), lambda j, n, b: (j, b, 0, n, 0))]
+      out_shapes = [jax.ShapeDtypeStruct((key_blocks, *q.shape), jnp.float32)]
+    if k.ndim == 5:  # dk and dv in one array
+      out_specs.append(pl.BlockSpec((None, key_block, 2, None, head), lambda j, n, b: (b, j, 0, n, 0)))
+      out_shapes.append(jax.ShapeDtypeStruct(k.shape, k.dtype))
+    else:
+      out_specs += in_specs[1:]
+      out_shapes += [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2
+  kernel = functools.partial(_backward_kernel, queries=queries, keys=keys, num_keys=num_keys, block_q=block_q)
+
+  def unpacked(*refs):  # the kernel's dq, dk and dv targets (_store): each output, or the slots of a packed one
+    targets = [t for ref in refs[8:]
+               for t in ([ref] if len(ref.shape) == 2 else [(ref, slot) for slot in range(ref.shape[1])])]
+    return kernel(*refs[:8], *targets)
+
+  grads = list(pl.pallas_call(
+      unpacked, grid=(key_blocks, heads, batch),
+      in_specs=in_specs + [pl.BlockSpec((None, head), lambda j, n, b: (n, 0))] * 2 + [
           query_spec, query_spec, pl.BlockSpec((None, None, rows), lambda j, n, b: (b, n, 0))],
-      out_specs=[dq_spec, *key_out_specs], out_shape=[dq_shape, *key_out_shapes],
+      out_specs=out_specs, out_shape=out_shapes,
       compiler_params=plt.CompilerParams(num_warps=tiling.warps_backward, num_stages=2), interpret=interpret,
-      name="short_attention_backward")(q, k, v, q_bias, v_bias, out, dout, lse)
-  return (dq if key_blocks == 1 else dq.sum(0).astype(q.dtype)), *dkv
+      name="short_attention_backward")(q, k, v, q_bias, v_bias, out, dout, lse))
+  if q.ndim == 4 and key_blocks > 1:
+    grads[0] = grads[0].sum(0).astype(q.dtype)
+  return tuple(grads)
 
 
 # Each kernel's arrays, einsum-like: b examples, n heads (both may be split over devices), q and k tokens, h channels,
-# l the log-sum-exp's query rows and s the slots of k and v packed in one array (each kernel needs those whole).
-# KV: k and v as two arrays, or as one (passed twice); in the backward's outputs, dk and dv likewise.
-_LAYOUTS = {
-    "forward": ("b q n h, KV, n h, n h", "b q n h, b n l"),
-    "backward": ("b q n h, KV, n h, n h, b q n h, b n l, b q n h", "b q n h, KV"),
-}
+# l the log-sum-exp's query rows and s the slots of packed arrays (each kernel needs those whole). By packing
+# ("": q, k and v apart; "kv": k and v in one array, passed twice; "qkv": all three in one, passed thrice): the
+# operands q, k, v, and the backward's outputs.
+_OPERANDS = {"": "b q n h, b k n h, b k n h", "kv": "b q n h, b k s n h, b k s n h",
+             "qkv": "b q s n h, b q s n h, b q s n h"}
+_GRADIENTS = {"": "b q n h, b k n h, b k n h", "kv": "b q n h, b k s n h", "qkv": "b q s n h"}
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(kind: str, num_keys: int, tiling: Tiling, packed: bool):
+def _kernel(kind: str, num_keys: int, tiling: Tiling, packing: str):
   """The "forward" or "backward" kernel, partitioned over examples and heads: under a mesh each device runs it on
   its own examples and heads, with no collectives (a Pallas call alone would be given every example: XLA
-  cannot see into it, so it gathers its operands). ``packed``: k and v come in one [B, Tk, 2, N, H] array."""
+  cannot see into it, so it gathers its operands). ``packing``: how q, k and v come (``_OPERANDS``)."""
   run = _per_platform(functools.partial(_forward if kind == "forward" else _backward, num_keys=num_keys,
                                         tiling=tiling))
-  key_value = "b k s n h" if packed else "b k n h"
-  inputs, outputs = (layout.replace("KV", f"{key_value}, {key_value}") for layout in _LAYOUTS[kind])
-  if packed:
-    outputs = outputs.replace(f"{key_value}, {key_value}", key_value)  # dk and dv in one array
+  if kind == "forward":
+    inputs, outputs = _OPERANDS[packing] + ", n h, n h", "b q n h, b n l"
+  else:
+    inputs, outputs = _OPERANDS[packing] + ", n h, n h, b q n h, b n l, b q n h", _GRADIENTS[packing]
 
-  def shardings(mesh, layouts: str, q_sharding) -> tuple:
-    examples, _, heads, _ = (*q_sharding.spec, None, None, None, None)[:4]
+  def shardings(mesh, layouts: str, q) -> tuple:  # q: the first operand, whose sharding the others follow
+    spec = (*q.sharding.spec, *[None] * (len(q.shape) - len(q.sharding.spec)))
+    examples, heads = spec[0], spec[-2]
     specs = {5: P(examples, None, None, heads, None), 4: P(examples, None, heads, None), 3: P(examples, heads, None),
              2: P(heads, None)}
     return tuple(NamedSharding(mesh, specs[len(layout.split())]) for layout in layouts.split(", "))
 
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
-    q_sharding = arg_shapes[0].sharding
-    return mesh, run, shardings(mesh, outputs, q_sharding), shardings(mesh, inputs, q_sharding)
+    return mesh, run, shardings(mesh, outputs, arg_shapes[0]), shardings(mesh, inputs, arg_shapes[0])
 
+  replicated = [f for f in dict.fromkeys(f"{inputs} {outputs}".replace(",", " ").split()) if f not in ("b", "n")]
   partitioned = custom_partitioning(run)
   partitioned.def_partition(
-      partition, infer_sharding_from_operands=lambda mesh, args, _: shardings(mesh, outputs, args[0].sharding),
-      sharding_rule=f"{inputs} -> {outputs}",
-      need_replication_factors=("q", "h", "k", "s", "l") if packed else ("q", "h", "k", "l"))  # in order of use
+      partition, infer_sharding_from_operands=lambda mesh, args, _: shardings(mesh, outputs, args[0]),
+      sharding_rule=f"{inputs} -> {outputs}", need_replication_factors=tuple(replicated))
   return partitioned
 
 
 # The biases, from the softmax's algebra: k's shifts all logits of a query alike, so it changes nothing (and gets
 # the sum of dk, zero up to rounding); v's adds itself to every output row (the probabilities sum to 1), so the
 # backward's Σ_j p_ij dp_ij is dout·(out − b_v); q's is added to q.
-# kv: the pair (k, v), or one array [B, Tk, 2, N, H] holding both; bias [3, N, H].
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _attention(q, kv, bias, num_keys: int, tiling: Tiling):
-  return _attention_fwd(q, kv, bias, num_keys, tiling)[0]
+# arrays: (q, k, v), (q, kv) with kv [B, Tk, 2, N, H], or (qkv,) with qkv [B, T, 3, N, H]; bias [3, N, H].
+_PACKINGS = {3: "", 2: "kv", 1: "qkv"}
 
 
-def _key_operands(kv) -> tuple:
-  return kv if isinstance(kv, tuple) else (kv, kv)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _attention(arrays: tuple, bias, num_keys: int, tiling: Tiling):
+  return _attention_fwd(arrays, bias, num_keys, tiling)[0]
 
 
-def _attention_fwd(q, kv, bias, num_keys, tiling):
-  packed = not isinstance(kv, tuple)
-  out, lse = _kernel("forward", num_keys, tiling, packed)(q, *_key_operands(kv), bias[0], bias[2])
-  return out, (q, kv, bias, out, lse)
+def _operands(arrays: tuple) -> tuple:  # the kernels' q, k and v operands
+  return arrays if len(arrays) == 3 else (arrays[0], arrays[1], arrays[1]) if len(arrays) == 2 else arrays * 3
+
+
+def _attention_fwd(arrays, bias, num_keys, tiling):
+  out, lse = _kernel("forward", num_keys, tiling, _PACKINGS[len(arrays)])(*_operands(arrays), bias[0], bias[2])
+  return out, (arrays, bias, out, lse)
 
 
 def _attention_bwd(num_keys, tiling, residuals, dout):
-  q, kv, bias, out, lse = residuals
-  packed = not isinstance(kv, tuple)
-  dq, *dkv = _kernel("backward", num_keys, tiling, packed)(q, *_key_operands(kv), bias[0], bias[2], out, lse, dout)
-  dk, dv = (dkv[0][:, :, 0], dkv[0][:, :, 1]) if packed else dkv
-  # a bias's gradient: its tensor's, summed over examples and tokens
-  dbias = jnp.stack([jnp.sum(g, (0, 1), dtype=jnp.float32) for g in (dq, dk, dv)]).astype(bias.dtype)
-  return dq, (dkv[0] if packed else tuple(dkv)), dbias
+  arrays, bias, out, lse = residuals
+  grads = _kernel("backward", num_keys, tiling, _PACKINGS[len(arrays)])(
+      *_operands(arrays), bias[0], bias[2], out, lse, dout)
+  # a bias's gradient: its tensor's, summed over examples and tokens (a packed array's slots in one reduction)
+  sums = [jnp.sum(g, (0, 1), dtype=jnp.float32) for g in grads]
+  dbias = jnp.concatenate([t[None] if t.ndim == 2 else t for t in sums]).astype(bias.dtype)
+  return tuple(grads), dbias
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def short_attention(q: jax.Array, k: jax.Array, v: "jax.Array | None", num_keys: "int | None" = None,
+def short_attention(q: jax.Array, k: "jax.Array | None", v: "jax.Array | None", num_keys: "int | None" = None,
                     tiling: Tiling = Tiling(), bias: "jax.Array | None" = None) -> jax.Array:
   """Softmax attention of q [B, Tq, N, H] over k, v [B, Tk, N, H] → [B, Tq, N, H], scale H^-½; only the first
-  ``num_keys`` keys count (default: all). With v None, k holds both, packed [B, Tk, 2, N, H] (one projection's
-  output: the kernels read each from it, and the backward writes dk and dv into one such array, so one matmul
-  takes them back). ``bias`` [3, N, H]: the q, k and v projections' biases, not yet added:
-  the kernels apply them (a projection whose consumer is a custom call cannot fuse its bias add, which would be a
-  kernel of its own; see ``_attention``). Differentiable in q, k, v and bias."""
-  packed = k.shape if v is None else (*k.shape[:2], 2, *k.shape[2:])
-  if q.ndim != 4 or (v is not None and k.shape != v.shape) or packed[:1] + packed[2:] != (q.shape[0], 2, *q.shape[2:]):
+  ``num_keys`` keys count (default: all). Packed operands, one projection's output read as it is: with v None, k
+  holds k and v [B, Tk, 2, N, H]; with k and v None, q holds q, k and v [B, T, 3, N, H] (self-attention). The
+  backward then writes the gradients packed alike, so one matmul takes them back. ``bias`` [3, N, H]: the q, k and
+  v projections' biases, not yet added: the kernels apply them (a projection whose consumer is a custom call cannot
+  fuse its bias add, which would be a kernel of its own; see ``_attention``). Differentiable in q, k, v and bias."""
+  if k is None and v is None and q.ndim == 5 and q.shape[2] == 3:
+    arrays, q_shape, k_shape = (q,), (*q.shape[:2], *q.shape[3:]), (*q.shape[:2], *q.shape[3:])
+  elif k is not None and v is None and q.ndim == 4 and k.ndim == 5 and k.shape[2] == 2:
+    arrays, q_shape, k_shape = (q, k), q.shape, (*k.shape[:2], *k.shape[3:])
+  elif k is not None and v is not None and q.ndim == 4 and k.ndim == 4 and k.shape == v.shape:
+    arrays, q_shape, k_shape = (q, k, v), q.shape, k.shape
+  else:
+    arrays = ()
+  if not arrays or q_shape[0] != k_shape[0] or q_shape[2:] != k_shape[2:]:
+    shapes = [None if t is None else t.shape for t in (q, k, v)]
     raise ValueError(f"short_attention takes q [B, Tq, N, H] and k, v [B, Tk, N, H] (or k [B, Tk, 2, N, H] and v "
-                     f"None); got {q.shape}, {k.shape}, {None if v is None else v.shape}")
-  head, keys = q.shape[3], k.shape[1]
+                     f"None, or q [B, T, 3, N, H] and k, v None); got {shapes}")
+  head, keys = q_shape[3], k_shape[1]
   if head < 16 or head & (head - 1):
     raise ValueError(f"short_attention needs a head dim that is a power of 2 from 16 on, got {head}")
   if keys > MAX_KEYS:
@@ -317,7 +353,7 @@ def short_attention(q: jax.Array, k: jax.Array, v: "jax.Array | None", num_keys:
   if not 1 <= num_keys <= keys:
     raise ValueError(f"num_keys must be in [1, {keys}], got {num_keys}")
   if bias is None:
-    bias = jnp.zeros((3, *q.shape[2:]), q.dtype)
-  if bias.shape != (3, *q.shape[2:]):
-    raise ValueError(f"bias must be [3, N, H] = {(3, *q.shape[2:])}, got {bias.shape}")
-  return _attention(q, k if v is None else (k, v), bias.astype(q.dtype), num_keys, tiling)
+    bias = jnp.zeros((3, *q_shape[2:]), q.dtype)
+  if bias.shape != (3, *q_shape[2:]):
+    raise ValueError(f"bias must be [3, N, H] = {(3, *q_shape[2:])}, got {bias.shape}")
+  return _attention(arrays, bias.astype(q.dtype), num_keys, tiling)

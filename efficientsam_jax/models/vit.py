@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efficientsam_jax.models.layers import Kernels, layer_norm, pad_tokens, remat
+from efficientsam_jax.models.layers import DenseParams, Kernels, layer_norm, pad_tokens, remat
 from efficientsam_jax.models.resize import resize
 
 Dtype = Any
@@ -50,11 +50,15 @@ class Attention(nn.Module):
     *batch, tokens, width = x.shape
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
-    padded = tokens + self.kernels.token_padding(tokens, width // self.num_heads, self.dtype)
-    qkv = nn.Dense(3 * width, dtype=self.dtype, name="qkv")(pad_tokens(x, padded - tokens))
-    qkv = qkv.reshape(*batch, padded, 3, self.num_heads, width // self.num_heads)
-    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-    out = self.kernels.attend(q, k, v, num_keys=tokens).reshape(*batch, padded, width)
+    head = width // self.num_heads
+    padded = tokens + self.kernels.token_padding(tokens, head, self.dtype)
+    # nn.Dense("qkv") without its bias add: the attention takes q, k and v packed, with their biases (the Pallas
+    # kernels read them so and add the biases themselves: no bias add or split before the custom call)
+    kernel, bias = DenseParams(3 * width, name="qkv")(width)
+    qkv = jnp.dot(pad_tokens(x, padded - tokens).astype(self.dtype), kernel.astype(self.dtype))
+    qkv = qkv.reshape(*batch, padded, 3, self.num_heads, head)
+    out = self.kernels.attend(qkv, None, None, tokens, bias.reshape(3, self.num_heads, head))
+    out = out.reshape(*batch, padded, width)
     return nn.Dense(width, dtype=self.dtype, name="proj")(out)[..., :tokens, :]
 
 
