@@ -20,8 +20,9 @@
 # All parts together take ~55 min, more than one session's device time (15 min, machine start ~30 s included). One
 # process per part costs ~90 s before its first row on an H200 (start, init, a ~40 s compile), each further row
 # ~60 s; the limits below are sized on that. Most informative first, one call per line (the thirteenth session ran
-# "attention sami_pallas"): "attention_ncu sami_profile" (≤ 4.7 min), "sami" (≤ 4.5 min), "sami_kernels teacher"
-# (≤ 7.8 min), "sami_flags" (≤ 9.2 min), "sami_options" (≤ 6 min), "finetune" (≤ 5 min), then the rest.
+# "attention sami_pallas", then packed q, k, v for the kernels, untimed): "sami_pallas attention_ncu" (≤ 6.9 min),
+# "sami_profile sami" (≤ 6.7 min), "sami_kernels teacher" (≤ 7.8 min), "sami_flags" (≤ 9.2 min), "sami_options"
+# (≤ 6 min), "finetune" (≤ 5 min), then the rest.
 # sami_profile leaves the step's top ops (top_ops_sami_s.json) and its whole trace (trace_sami_s.json.gz: every
 # kernel with its duration and grid) in OUTDIR.
 # WHEELS_DIR: wheels of packages the machine lacks, installed to /tmp/site first (for machines

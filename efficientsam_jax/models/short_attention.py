@@ -14,9 +14,9 @@ of its (example, head) at once:
 
 The q, k and v projections' biases can be left to the kernels (``bias``): q's is added as q is loaded, v's to the
 output, and k's drops out of the softmax. Added before, each would be a kernel of its own, since a projection's
-bias add cannot fuse into a custom call. k and v may come packed in one array (one projection's output), which the
-kernels read as it is, and the backward then writes dk and dv into one such array. SAMI's decoder does both: the
-ViT-S step compiled for an H100 moves 57.1 GB instead of 62.0 (BENCHMARKS.md).
+bias add cannot fuse into a custom call. k and v, or q, k and v, may come packed in one array (one projection's
+output), which the kernels read as it is; the backward then writes their gradients packed alike. SAMI's decoder
+and the ViT encoder do both: the ViT-S step compiled for an H100 moves 56.1 GB instead of 62.0 (BENCHMARKS.md).
 
 Measured on an H200 at batch 256 (BENCHMARKS.md, thirteenth session): the decoder's attention forward 0.18 ms
 against cuDNN's 0.30, forward and backward 0.84 ms against 0.89; the ViT-S encoder's (49 tokens, 6 heads of 64)
