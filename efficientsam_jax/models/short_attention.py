@@ -15,8 +15,9 @@ of its (example, head) at once:
 The q, k and v projections' biases can be left to the kernels (``bias``): q's is added as q is loaded, v's to the
 output, and k's drops out of the softmax. Added before, each would be a kernel of its own, since a projection's
 bias add cannot fuse into a custom call. k and v, or q, k and v, may come packed in one array (one projection's
-output), which the kernels read as it is; the backward then writes their gradients packed alike. SAMI's decoder
-and the ViT encoder do both: the ViT-S step compiled for an H100 moves 56.1 GB instead of 62.0 (BENCHMARKS.md).
+output), which the kernels read as it is; the backward then writes their gradients packed alike, and sums the
+biases' gradients as it computes them. SAMI's decoder and the ViT encoder do all this: the ViT-S step compiled for
+an H100 moves 54.7 GB instead of 62.0 (BENCHMARKS.md).
 
 Measured on an H200 at batch 256 (BENCHMARKS.md, thirteenth session): the decoder's attention forward 0.18 ms
 against cuDNN's 0.30, forward and backward 0.84 ms against 0.89; the ViT-S encoder's (49 tokens, 6 heads of 64)
@@ -134,7 +135,7 @@ def _store(target, value: jax.Array, valid: jax.Array, rows=slice(None)):
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, q_bias_ref, v_bias_ref, out_ref, dout_ref, lse_ref, dq_ref, dk_ref, dv_ref,
-                     *, queries: int, keys: int, num_keys: int, block_q: int):
+                     dbias_ref, *, queries: int, keys: int, num_keys: int, block_q: int):
   tile, head = k_ref.shape  # this program's keys: block program_id(0) of the head's
   scale = head ** -0.5
   key_index = pl.program_id(0) * tile + jnp.arange(tile)
@@ -144,7 +145,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, q_bias_ref, v_bias_ref, out_ref, dout_
   q_bias, v_bias = q_bias_ref[...], v_bias_ref[...].astype(jnp.float32)
 
   def query_block(j, grads):  # keys on the rows of every product: the large dimension, what the MMA tiles want
-    dk, dv = grads
+    dk, dv, dq_sum = grads
     start = pl.multiple_of(j * block_q, block_q)
     rows = pl.ds(start, block_q)
     valid = start + jnp.arange(block_q) < queries
@@ -156,13 +157,18 @@ def _backward_kernel(q_ref, k_ref, v_ref, q_bias_ref, v_bias_ref, out_ref, dout_
     delta = jnp.sum(dout.astype(jnp.float32) * (out.astype(jnp.float32) - v_bias[None, :]), axis=1)  # Σ_j p_ij dp_ij
     dlogits_t = (p_t * (_dot(v, dout, (1, 1)) - delta[None, :])).astype(q.dtype)
     dk = dk + _dot(dlogits_t, q, (1, 0))
-    _store(dq_ref, _dot(dlogits_t, k, (0, 0)) * scale, valid, rows)
-    return dk, dv
+    dq = _dot(dlogits_t, k, (0, 0)) * scale
+    _store(dq_ref, dq, valid, rows)
+    return dk, dv, dq_sum + jnp.sum(dq, axis=0)  # rows past the end are zeros
 
   zeros = jnp.zeros((tile, head), jnp.float32)
-  dk, dv = jax.lax.fori_loop(0, pl.cdiv(queries, block_q), query_block, (zeros, zeros))
+  dk, dv, dq_sum = jax.lax.fori_loop(0, pl.cdiv(queries, block_q), query_block,
+                                     (zeros, zeros, jnp.zeros((head,), jnp.float32)))
   _store(dk_ref, dk * scale, key_valid)
   _store(dv_ref, dv, key_valid)
+  # the biases' gradients, this program's share: its dq, dk and dv summed over their rows (uncounted keys' are zeros)
+  for slot, total in enumerate((dq_sum, jnp.sum(dk, axis=0) * scale, jnp.sum(dv, axis=0))):
+    dbias_ref[jnp.int32(slot), :] = total
 
 
 def _per_platform(fn):
@@ -231,12 +237,15 @@ def _backward(q, k, v, q_bias, v_bias, out, lse, dout, num_keys: int, tiling: Ti
     else:
       out_specs += in_specs[1:]
       out_shapes += [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2
+  # and the biases' gradients, one share per program: [B, key blocks, 3, N, H] in fp32
+  out_specs.append(pl.BlockSpec((None, None, 3, None, head), lambda j, n, b: (b, j, 0, n, 0)))
+  out_shapes.append(jax.ShapeDtypeStruct((batch, key_blocks, 3, heads, head), jnp.float32))
   kernel = functools.partial(_backward_kernel, queries=queries, keys=keys, num_keys=num_keys, block_q=block_q)
 
   def unpacked(*refs):  # the kernel's dq, dk and dv targets (_store): each output, or the slots of a packed one
-    targets = [t for ref in refs[8:]
+    targets = [t for ref in refs[8:-1]
                for t in ([ref] if len(ref.shape) == 2 else [(ref, slot) for slot in range(ref.shape[1])])]
-    return kernel(*refs[:8], *targets)
+    return kernel(*refs[:8], *targets, refs[-1])
 
   grads = list(pl.pallas_call(
       unpacked, grid=(key_blocks, heads, batch),
@@ -257,6 +266,7 @@ def _backward(q, k, v, q_bias, v_bias, out, lse, dout, num_keys: int, tiling: Ti
 _OPERANDS = {"": "b q n h, b k n h, b k n h", "kv": "b q n h, b k s n h, b k s n h",
              "qkv": "b q s n h, b q s n h, b q s n h"}
 _GRADIENTS = {"": "b q n h, b k n h, b k n h", "kv": "b q n h, b k s n h", "qkv": "b q s n h"}
+_BIAS_GRADIENTS = "b c t n h"  # c: the key blocks, t: q, k, v
 
 
 @functools.lru_cache(maxsize=None)
@@ -269,7 +279,8 @@ def _kernel(kind: str, num_keys: int, tiling: Tiling, packing: str):
   if kind == "forward":
     inputs, outputs = _OPERANDS[packing] + ", n h, n h", "b q n h, b n l"
   else:
-    inputs, outputs = _OPERANDS[packing] + ", n h, n h, b q n h, b n l, b q n h", _GRADIENTS[packing]
+    inputs = _OPERANDS[packing] + ", n h, n h, b q n h, b n l, b q n h"
+    outputs = f"{_GRADIENTS[packing]}, {_BIAS_GRADIENTS}"
 
   def shardings(mesh, layouts: str, q) -> tuple:  # q: the first operand, whose sharding the others follow
     spec = (*q.sharding.spec, *[None] * (len(q.shape) - len(q.sharding.spec)))
@@ -313,12 +324,10 @@ def _attention_fwd(arrays, bias, num_keys, tiling):
 
 def _attention_bwd(num_keys, tiling, residuals, dout):
   arrays, bias, out, lse = residuals
-  grads = _kernel("backward", num_keys, tiling, _PACKINGS[len(arrays)])(
+  *grads, dbias = _kernel("backward", num_keys, tiling, _PACKINGS[len(arrays)])(
       *_operands(arrays), bias[0], bias[2], out, lse, dout)
-  # a bias's gradient: its tensor's, summed over examples and tokens (a packed array's slots in one reduction)
-  sums = [jnp.sum(g, (0, 1), dtype=jnp.float32) for g in grads]
-  dbias = jnp.concatenate([t[None] if t.ndim == 2 else t for t in sums]).astype(bias.dtype)
-  return tuple(grads), dbias
+  # a bias's gradient: its tensor's, summed over examples and tokens (the kernel's shares, summed)
+  return tuple(grads), jnp.sum(dbias, (0, 1)).astype(bias.dtype)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
