@@ -56,15 +56,15 @@ for part in $parts; do
         --json "$out/attention.json"
       run attention 60 $bench attention --implementations cudnn,pallas --queries 50 --keys 50 --heads 6 \
         --head-dim 64 --steps 20 --repeats 3 --tilings "64,4,32,8,4;32,4,32,8,4" --json "$out/attention_encoder.json" ;;
+    sami_pallas) run sami_pallas 260 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
+      --kernels "attention=cudnn,layer_norm=one_pass;attention=pallas,layer_norm=one_pass" \
+      --json "$out/sami_pallas.json" ;;
     attention_ncu)  # what bounds each attention kernel: Nsight Compute's throughputs against the chip's peaks,
       # occupancy, and where the warps stall (each kernel replayed per section; the fp32 reference is not profiled)
       run attention_ncu 150 ncu --target-processes all --kernel-name "regex:short_attention|sdpa|flash" \
         --launch-count 12 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section MemoryWorkloadAnalysis --csv --page details $bench attention --implementations pallas,cudnn \
         --steps 1 --repeats 1 --warmup 0 ;;
-    sami_pallas) run sami_pallas 260 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
-      --kernels "attention=cudnn,layer_norm=one_pass;attention=pallas,layer_norm=one_pass" \
-      --json "$out/sami_pallas.json" ;;
     sami_profile)  # the trace stays in /tmp (its folders are too deep to fetch); its summary and events come back
       run sami_profile 130 $bench sami --variants s --batch-per-device 256 --steps 5 --repeats 1 \
         --profile /tmp/trace_sami_s --json "$out/sami_profile.json"

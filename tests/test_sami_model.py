@@ -174,7 +174,8 @@ def test_auto_attention_is_pallas_or_cudnn_on_nvidia_gpus_in_half_precision(monk
   called = []
   monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, implementation=None, **k: called.append(
       implementation) or jnp.zeros_like(a[0]))
-  monkeypatch.setattr(layers, "short_attention", lambda q, *a, **k: called.append("pallas") or jnp.zeros_like(q))
+  monkeypatch.setattr(layers, "short_attention", lambda q, *a, **k: called.append("pallas") or jnp.zeros(
+      (*q.shape[:2], *q.shape[-2:]), q.dtype))  # q may hold q, k and v packed [B, T, 3, N, H]
   config = SamiConfig(**TINY)
   model = SamiModel(config, dtype=jnp.bfloat16, kernels=Kernels(attention="auto"))
   model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jax.random.PRNGKey(1))

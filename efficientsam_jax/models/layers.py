@@ -87,7 +87,7 @@ def attention(q: jax.Array, k: "jax.Array | None", v: "jax.Array | None", implem
   in one tile (up to 512 keys, head dim a power of 2 from 16; Triton on NVIDIA GPUs, interpret mode elsewhere).
   "auto": "pallas", "cudnn" or "xla" by the backend, q's dtype and the shapes (``resolve_attention``).
   ``num_keys``: only the first ``num_keys`` keys count (the rest are padding). ``bias`` [3, N, H]: the q, k and v
-  projections' biases, not yet added (the Pallas kernels add them as they load q, k and v, which saves a kernel per
+  projections' biases, not yet added (the Pallas kernels apply them themselves, which saves a kernel per
   projection; the others add them first).
   """
   shape = q.shape if k is not None else (*q.shape[:-3], *q.shape[-2:])  # the output's
