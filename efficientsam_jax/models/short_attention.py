@@ -354,10 +354,9 @@ def short_attention(q: jax.Array, k: "jax.Array | None", v: "jax.Array | None", 
     raise ValueError(f"short_attention takes q [B, Tq, N, H] and k, v [B, Tk, N, H] (or k [B, Tk, 2, N, H] and v "
                      f"None, or q [B, T, 3, N, H] and k, v None); got {shapes}")
   head, keys = q_shape[3], k_shape[1]
-  if head < 16 or head & (head - 1):
-    raise ValueError(f"short_attention needs a head dim that is a power of 2 from 16 on, got {head}")
-  if keys > MAX_KEYS:
-    raise ValueError(f"short_attention holds at most {MAX_KEYS} keys in a tile, got {keys}: use 'cudnn' or 'xla'")
+  if not fits(keys, head):  # the rule "auto" picks these kernels by
+    raise ValueError(f"short_attention holds at most {MAX_KEYS} keys in a tile, of a head dim that is a power of 2 "
+                     f"from 16 on; got {keys} keys of {head}: use 'cudnn' or 'xla'")
   num_keys = keys if num_keys is None else num_keys
   if not 1 <= num_keys <= keys:
     raise ValueError(f"num_keys must be in [1, {keys}], got {num_keys}")
