@@ -19,10 +19,10 @@
 # inference benchmark (XLA and cuDNN attention); segment-everything against the notebook's approach.
 # All parts together take ~55 min, more than one session's device time (15 min, machine start ~30 s included). One
 # process per part costs ~90 s before its first row on an H200 (start, init, a ~40 s compile), each further row
-# ~60 s; the limits below are sized on that. Most informative first, one call per line (the thirteenth session ran
-# "attention sami_pallas", then packed q, k, v for the kernels, untimed): "sami_pallas attention_ncu" (≤ 6.9 min),
-# "sami_profile sami" (≤ 6.7 min), "sami_kernels teacher" (≤ 7.8 min), "sami_flags" (≤ 9.2 min), "sami_options"
-# (≤ 6 min), "finetune" (≤ 5 min), then the rest.
+# ~60 s; the limits below are sized on that. Most informative first, one call per line (the fourteenth session ran
+# "sami_pallas", then split the backward in two kernels, untimed): "attention attention_ncu" (≤ 6 min), then
+# "sami_pallas" with the fastest tiling as the default, "sami_profile sami" (≤ 6.7 min), "sami_kernels teacher"
+# (≤ 7.8 min), "sami_flags" (≤ 9.2 min), "sami_options" (≤ 6 min), "finetune" (≤ 5 min), then the rest.
 # sami_profile leaves the step's top ops (top_ops_sami_s.json) and its whole trace (trace_sami_s.json.gz: every
 # kernel with its duration and grid) in OUTDIR.
 # WHEELS_DIR: wheels of packages the machine lacks, installed to /tmp/site first (for machines
@@ -50,9 +50,10 @@ run() {  # run NAME SECONDS COMMAND...
 bench="python3 -m efficientsam_jax.train.benchmark"
 for part in $parts; do
   case $part in
-    attention)  # the default tiling (64,4,32,8,4) first, then its neighbours
+    attention)  # the default tiling (64,4,32,8,4) first, then the backward split in two kernels (block_k_backward)
       run attention 120 $bench attention --implementations cudnn,xla,pallas --steps 20 --repeats 3 \
-        --tilings "64,4,32,8,4;64,4,16,8,4;64,4,32,16,4;64,4,16,4,4,2;64,4,32,8,8;32,2,32,8,4;64,4,32,8,1" \
+        --tilings "64,4,32,8,4;64,4,16,4,4,32;64,4,16,2,4,16;64,4,16,4,1,32;64,4,16,4,4,64;64,4,32,4,4,64;\
+64,4,16,8,4,64;64,4,32,8,1" \
         --json "$out/attention.json"
       run attention 60 $bench attention --implementations cudnn,pallas --queries 50 --keys 50 --heads 6 \
         --head-dim 64 --steps 20 --repeats 3 --tilings "64,4,32,8,4;32,4,32,8,4" --json "$out/attention_encoder.json" ;;
@@ -60,11 +61,15 @@ for part in $parts; do
       --kernels "attention=cudnn,layer_norm=one_pass;attention=pallas,layer_norm=one_pass" \
       --json "$out/sami_pallas.json" ;;
     attention_ncu)  # what bounds each attention kernel: Nsight Compute's throughputs against the chip's peaks,
-      # occupancy, and where the warps stall (each kernel replayed per section; the fp32 reference is not profiled)
-      run attention_ncu 150 ncu --target-processes all --kernel-name "regex:short_attention|sdpa|flash" \
-        --launch-count 12 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        --section MemoryWorkloadAnalysis --csv --page details $bench attention --implementations pallas,cudnn \
-        --steps 1 --repeats 1 --warmup 0 ;;
+      # occupancy, and where the warps stall (each kernel replayed per section; the fp32 reference is not profiled).
+      # Without preallocation: ncu saves and restores the device memory a replayed kernel could write, and XLA's
+      # default pool is 75% of the GPU's (the fourteenth session's run, with it, profiled nothing in 210 s). ncu
+      # writes its tables when the program ends, to a file of their own.
+      XLA_PYTHON_CLIENT_PREALLOCATE=false run attention_ncu 180 ncu --target-processes all \
+        --kernel-name "regex:short_attention|sdpa|flash" --launch-count 14 --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --csv --page details \
+        --log-file "$out/attention_ncu.csv" $bench attention --implementations pallas,cudnn \
+        --tilings "64,4,32,8,4;64,4,16,4,4,32" --steps 1 --repeats 1 --warmup 0 ;;
     sami_profile)  # the trace stays in /tmp (its folders are too deep to fetch); its summary and events come back
       run sami_profile 130 $bench sami --variants s --batch-per-device 256 --steps 5 --repeats 1 \
         --profile /tmp/trace_sami_s --json "$out/sami_profile.json"

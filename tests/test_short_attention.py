@@ -15,6 +15,7 @@ from efficientsam_jax.models.short_attention import Tiling, short_attention
 from efficientsam_jax.train.sharding import make_mesh
 
 SMALL_BLOCKS = Tiling(block_q=16, warps=4, block_q_backward=16, warps_backward=4)
+SPLIT_BACKWARD = Tiling(block_q=16, warps=4, block_q_backward=16, warps_backward=4, block_k_backward=16)
 
 
 def _inputs(queries, keys, heads=3, head=16, batch=2, dtype=jnp.float32, seed=0):
@@ -34,7 +35,8 @@ def _values_and_grads(fn, q, k, v, weights):
     (37, 50, 41, SMALL_BLOCKS, 3),  # keys from 41 on are padding
     (37, 50, None, Tiling(16, 4, 32, 4, 1), 3),  # the backward's query blocks reach past the forward's
     (37, 50, 41, Tiling(16, 4, 16, 4, heads_per_program=4), 6),  # forward programs loop over 2 of the 6 heads
-    (37, 50, 41, Tiling(16, 4, 16, 4, key_blocks_backward=4), 3),  # 16 keys per backward program: dq summed
+    (37, 50, 41, Tiling(16, 4, 16, 4, block_k_backward=16), 3),  # backward split: 16 keys per program, dq apart
+    (37, 50, None, Tiling(16, 4, 32, 4, 2, block_k_backward=32), 6),  # split; query blocks past the forward's
     (32, 16, None, SMALL_BLOCKS, 3),  # whole blocks, no padding anywhere
     (5, 3, 2, Tiling(), 4),  # fewer tokens than one block or one tile; the default tiling, 4 heads per program
 ])
@@ -60,13 +62,15 @@ def test_values_and_gradients_are_xlas_attention(queries, keys, num_keys, tiling
   np.testing.assert_array_equal(dkv, jnp.stack(our_grads[1:], axis=2))
 
 
-def test_biases_added_in_the_kernels_are_biases_added_before():
+@pytest.mark.parametrize("tiling", [SMALL_BLOCKS, SPLIT_BACKWARD])
+def test_biases_added_in_the_kernels_are_biases_added_before(tiling):
   """``bias``: the kernels add the q, k and v projections' biases as they load q, k and v; values and the gradients
-  of q, k, v and the biases are those of XLA's attention of q + b_q, k + b_k, v + b_v."""
+  of q, k, v and the biases are those of XLA's attention of q + b_q, k + b_k, v + b_v (the backward in one kernel
+  or split in two)."""
   q, k, v, weights = _inputs(37, 50, heads=4)
   bias = jnp.asarray(np.random.default_rng(3).normal(size=(3, 4, 16)), jnp.float32)
   loss = lambda fn: lambda *args: jnp.sum(fn(*args) * weights)
-  ours = lambda q, k, v, b: short_attention(q, k, v, 41, SMALL_BLOCKS, bias=b)
+  ours = lambda q, k, v, b: short_attention(q, k, v, 41, tiling, bias=b)
   ref = lambda q, k, v, b: attention(q + b[0], k + b[1], v + b[2], "xla", 41)
   np.testing.assert_allclose(ours(q, k, v, bias), ref(q, k, v, bias), rtol=0, atol=2e-6)
   for name, got, want in zip(("q", "k", "v", "bias"), jax.grad(loss(ours), (0, 1, 2, 3))(q, k, v, bias),
@@ -90,21 +94,25 @@ def test_q_k_v_packed_in_one_array_are_the_three_apart(tokens, num_keys):
   packed_grads = jax.grad(lambda *a: jnp.sum(packed(*a) * weights), (0, 1))(qkv, bias)
   np.testing.assert_array_equal(packed_grads[0], jnp.stack(grads, axis=2))
   np.testing.assert_array_equal(packed_grads[1], dbias)
+  # block_k_backward leaves a packed q, k, v's backward whole: one program writes its head's dq, dk and dv
+  split = lambda qkv, b: short_attention(qkv, None, None, num_keys, Tiling(16, 4, 32, 4, block_k_backward=16), bias=b)
+  for got, want in zip(jax.grad(lambda *a: jnp.sum(split(*a) * weights), (0, 1))(qkv, bias), packed_grads):
+    np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("packing", ["", "kv", "qkv"])
-def test_split_over_examples_and_heads_without_collectives(packing):
+@pytest.mark.parametrize("packing, tiling", [("", SMALL_BLOCKS), ("kv", SMALL_BLOCKS), ("qkv", SMALL_BLOCKS),
+                                             ("kv", SPLIT_BACKWARD)])
+def test_split_over_examples_and_heads_without_collectives(packing, tiling):
   """Under a mesh (data × model over 8 devices) each device runs the kernels on its own examples and heads (and
-  the biases of its heads; q, k and v apart or packed): the values and gradients of the unsplit call, the outputs
-  split as the inputs, and no collective in the program."""
+  the biases of its heads; q, k and v apart or packed; the backward in one kernel or two): the values and
+  gradients of the unsplit call, the outputs split as the inputs, and no collective in the program."""
   mesh = make_mesh({"data": 4, "model": 2})
   split = NamedSharding(mesh, P("data", None, "model", None))
   q, k, v, weights = _inputs(37, 37 if packing == "qkv" else 50, heads=4, batch=8)
   bias = jnp.asarray(np.random.default_rng(3).normal(size=(3, 4, 16)), jnp.float32)
   operands = {"": lambda q, k, v: (q, k, v), "kv": lambda q, k, v: (q, jnp.stack([k, v], axis=2), None),
               "qkv": lambda q, k, v: (jnp.stack([q, k, v], axis=2), None, None)}[packing]
-  attend = lambda q, k, v, b: short_attention(*operands(q, k, v), 41 if packing != "qkv" else 33, SMALL_BLOCKS,
-                                              bias=b)
+  attend = lambda q, k, v, b: short_attention(*operands(q, k, v), 41 if packing != "qkv" else 33, tiling, bias=b)
   fn = lambda *args: _values_and_grads(lambda *a: attend(*a, args[4]), *args[:4])
   step = jax.jit(fn, in_shardings=(split,) * 4 + (NamedSharding(mesh, P(None, "model", None)),))
   got, want = step(q, k, v, weights, bias), fn(q, k, v, weights, bias)
@@ -158,17 +166,14 @@ def test_shapes_it_cannot_hold_are_refused():
     short_attention(q, k, v, num_keys=0)
   with pytest.raises(ValueError, match=r"\[B, Tq, N, H\]"):
     short_attention(q, k[:, :, :2], v[:, :, :2])
-  with pytest.raises(ValueError, match="key_blocks_backward 1"):  # a packed q, k, v: dq whole in one program
-    qkv = jnp.stack(_inputs(37, 37)[:3], axis=2)
-    jax.grad(lambda qkv: short_attention(qkv, None, None, tiling=Tiling(key_blocks_backward=2)).sum())(qkv)
   with pytest.raises(ValueError, match=r"bias must be \[3, N, H\]"):
     short_attention(q, k, v, bias=jnp.zeros((3, 16)))
   with pytest.raises(ValueError, match="power of 2"):
     Tiling(block_q=48)
   with pytest.raises(ValueError, match="heads_per_program must be a power of 2"):
     Tiling(heads_per_program=3)
-  with pytest.raises(ValueError, match="fewer than a tile's 16"):  # 8 keys: a tile of 16, split in 2
-    jax.grad(lambda q: short_attention(q, k, v, tiling=Tiling(key_blocks_backward=2)).sum())(q)
+  with pytest.raises(ValueError, match="block_k_backward must be 0 or a power of 2 from 16"):
+    Tiling(block_k_backward=8)
   with pytest.raises(ValueError, match="relative positions"):
     x = jnp.zeros((1, 4, 4, 32))
     SamAttention(num_heads=2, rel_pos_size=4, attention="pallas").init(jax.random.PRNGKey(0), x)

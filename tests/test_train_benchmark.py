@@ -84,8 +84,8 @@ def test_op_kinds_of_gpu_op_names():
 def test_attention_benchmark_rows_check_each_implementation_against_fp32(tmp_path):
   """``attention``: one row per implementation (the Pallas kernels per tiling, in interpret mode here), each with
   its error against fp32 XLA attention: small for the kernels, and each part timed."""
-  assert benchmark.parse_tilings("64,4,16,8;32,2,16,4,2,4") == [Tiling(64, 4, 16, 8), Tiling(32, 2, 16, 4, 2, 4)]
-  for bad in ("64,4,16", "48,4,16,8"):
+  assert benchmark.parse_tilings("64,4,16,8;32,2,16,4,2,32") == [Tiling(64, 4, 16, 8), Tiling(32, 2, 16, 4, 2, 32)]
+  for bad in ("64,4,16", "48,4,16,8", "64,4,16,8,1,8"):
     with pytest.raises(argparse.ArgumentTypeError, match="tiling"):
       benchmark.parse_tilings(bad)
   out = tmp_path / "rows.json"

@@ -195,8 +195,11 @@ def _lean_layer_norm_bwd(eps, one_pass, dtype, residuals, grad):
   normalized = (x.astype(mean.dtype) - mean) * rstd
   grad = grad.astype(mean.dtype)
   batch_axes = tuple(range(x.ndim - 1))
-  grad_scale = jnp.sum(grad * normalized, batch_axes).astype(scale.dtype)
-  grad_bias = jnp.sum(grad, batch_axes).astype(bias.dtype)
+  # both column sums in one (variadic) reduction: one kernel that reads grad once (XLA does not merge two sums)
+  zero = jnp.zeros((), grad.dtype)
+  grad_scale, grad_bias = jax.lax.reduce((grad * normalized, grad), (zero, zero),
+                                         lambda a, b: (a[0] + b[0], a[1] + b[1]), batch_axes)
+  grad_scale, grad_bias = grad_scale.astype(scale.dtype), grad_bias.astype(bias.dtype)
   grad_normalized = grad * scale
   # d/dx of (x − mean)·rstd: the row's mean gradient and its projection on the normalized x removed
   grad_x = rstd * (grad_normalized - grad_normalized.mean(-1, keepdims=True)

@@ -10,18 +10,20 @@ of its (example, head) at once:
   softmax in one pass, p·v, and the row's log-sum-exp for the backward pass;
 * backward, one program per (example, head) by default: k and v stay loaded, dk and dv accumulate in registers
   while the program walks the query blocks (keys on the rows of every product), and each block's dq is complete
-  when written (no atomics, no second kernel); or the keys split over a few programs, each writing a partial dq.
+  when written (no atomics, no second kernel); or (``Tiling.block_k_backward``) split in two kernels, dq by query
+  blocks as the forward, dk and dv by small blocks of keys, several programs to an SM.
 
 The q, k and v projections' biases can be left to the kernels (``bias``): q's is added as q is loaded, v's to the
 output, and k's drops out of the softmax. Added before, each would be a kernel of its own, since a projection's
 bias add cannot fuse into a custom call. k and v, or q, k and v, may come packed in one array (one projection's
 output), which the kernels read as it is; the backward then writes their gradients packed alike, and sums the
-biases' gradients as it computes them. SAMI's decoder and the ViT encoder do all this: the ViT-S step compiled for
-an H100 moves 54.7 GB instead of 62.0 (BENCHMARKS.md).
+biases' gradients as it computes them. SAMI's decoder and the ViT encoder do all this: the ViT-S step moves 54.7
+GB instead of 62.0 (H100 compile, BENCHMARKS.md).
 
-Measured on an H200 at batch 256 (BENCHMARKS.md, thirteenth session): the decoder's attention forward 0.18 ms
-against cuDNN's 0.30, forward and backward 0.84 ms against 0.89; the ViT-S encoder's (49 tokens, 6 heads of 64)
-2× faster; the ViT-S step 31.8 ms against 32.5. ``layers.attention``'s "auto" picks these kernels where they fit.
+Measured on an H200 at batch 256 (BENCHMARKS.md, thirteenth and fourteenth sessions): the decoder's attention
+forward 0.18 ms against cuDNN's 0.30, forward and backward 0.84 ms against 0.89; the ViT-S encoder's (49 tokens, 6
+heads of 64) 2× faster; the ViT-S step 30.9 ms against cuDNN's 32.5. ``layers.attention``'s "auto" picks these
+kernels where they fit.
 
 Layout [B, T, N, H] (tokens, heads, head dim) as ``layers.attention``; H a power of 2 from 16 on, at most
 ``MAX_KEYS`` keys. Logits, softmax and accumulators are fp32; p and the gradients of the logits are rounded to
@@ -52,13 +54,20 @@ MAX_KEYS = 512
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
-  """Query block sizes and warps per program of the two kernels (``launch/benchmark_gpu.sh``'s attention part
-  times alternatives). The backward program also holds dk and dv for all its keys, hence its smaller blocks.
+  """Query block sizes and warps per program of the kernels (``launch/benchmark_gpu.sh``'s attention part times
+  alternatives). The backward program also holds dk and dv for all its keys, hence its smaller blocks.
   ``heads_per_program``: a forward program takes up to this many heads one after the other (a loop whose next loads
   Triton can issue while the current head computes) instead of one: the largest power of 2 that divides the head
-  count, up to this (SAMI ViT-S: 4 of the decoder's 16 heads, 2 of the encoder's 6). ``key_blocks_backward``: the
-  backward splits each head's keys over this many programs (each holds fewer keys' dk and dv, so more programs fit
-  on an SM), which then each write a partial dq, summed after the kernel."""
+  count, up to this (SAMI ViT-S: 4 of the decoder's 16 heads, 2 of the encoder's 6).
+
+  ``block_k_backward``: 0 (default), one backward kernel whose program holds every key of its (example, head) and
+  writes each query block's dq whole. n: the backward splits in two kernels, the standard flash-attention split:
+  dk and dv by a program per block of n keys walking the query blocks (``block_q_backward``, ``warps_backward``),
+  which holds 1/⌈keys/n⌉ of the state, so that several programs fit on an SM; and dq by a program per query block
+  (``block_q_backward``) that holds every key of its heads (``warps``, ``heads_per_program``), as the forward does,
+  and also writes each query's Σ_j p_ij dp_ij for the first kernel. Self-attention with q, k and v packed in one
+  array keeps the one kernel (one program writes dq, dk and dv into their packed array), as does n ≥ the key
+  tile."""
 
   # The fastest measured on an H200 for SAMI's decoder (BENCHMARKS.md, thirteenth session).
   block_q: int = 64
@@ -66,17 +75,17 @@ class Tiling:
   block_q_backward: int = 32  # 254 registers per thread on an H100, none spilled; 16: 182
   warps_backward: int = 8
   heads_per_program: int = 4
-  key_blocks_backward: int = 1
+  block_k_backward: int = 0
 
   def __post_init__(self):
     for field in ("block_q", "block_q_backward"):
       size = getattr(self, field)
       if size < 16 or size & (size - 1):
         raise ValueError(f"{field} must be a power of 2 from 16 on, got {size}")
-    for field in ("heads_per_program", "key_blocks_backward"):
-      count = getattr(self, field)
-      if count < 1 or count & (count - 1):
-        raise ValueError(f"{field} must be a power of 2, got {count}")
+    if self.heads_per_program < 1 or self.heads_per_program & (self.heads_per_program - 1):
+      raise ValueError(f"heads_per_program must be a power of 2, got {self.heads_per_program}")
+    if self.block_k_backward and (self.block_k_backward < 16 or self.block_k_backward & (self.block_k_backward - 1)):
+      raise ValueError(f"block_k_backward must be 0 or a power of 2 from 16 on, got {self.block_k_backward}")
 
 
 def fits(keys: int, head_dim: int) -> bool:
@@ -101,6 +110,28 @@ def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
   return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _logits(q_ref, k_ref, q_bias: jax.Array, query_valid: jax.Array, key_valid: jax.Array,
+            num_keys: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One head's q (its bias added), k, and logits q·kᵀ·H^-½ [queries, key tile], −inf where a key does not count."""
+  q, k = _rows(q_ref, query_valid, q_bias), _rows(k_ref, key_valid)
+  logits = _dot(q, k, (1, 1)) * (q.shape[-1] ** -0.5)
+  return q, k, jnp.where((jnp.arange(k.shape[0]) < num_keys)[None, :], logits, -jnp.inf)
+
+
+def _delta(out_ref, dout: jax.Array, valid: jax.Array, v_bias: jax.Array) -> jax.Array:
+  """Σ_j p_ij dp_ij of each query row: dout·(out − b_v), in fp32 (v's bias adds itself to every output row)."""
+  out = _rows(out_ref, valid).astype(jnp.float32)
+  return jnp.sum(dout.astype(jnp.float32) * (out - v_bias.astype(jnp.float32)[None, :]), axis=1)
+
+
+def _each_head(heads: int, one_head):
+  """one_head(n) for each of a program's heads: a loop when there are several."""
+  if heads == 1:
+    one_head(jnp.int32(0), None)
+  else:
+    jax.lax.fori_loop(0, heads, one_head, None)
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, q_bias_ref, v_bias_ref, out_ref, lse_ref, *, queries: int, keys: int,
                     num_keys: int):
   block_q, heads, tile = q_ref.shape[0], q_ref.shape[1], k_ref.shape[0]
@@ -108,10 +139,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_bias_ref, v_bias_ref, out_ref, lse_re
   key_valid = jnp.arange(tile) < keys
 
   def one_head(n, carry):
-    q = _rows(q_ref.at[:, n, :], query_valid, q_bias_ref[n, :])
     v = _rows(v_ref.at[:, n, :], key_valid)
-    logits = _dot(q, _rows(k_ref.at[:, n, :], key_valid), (1, 1)) * (q.shape[-1] ** -0.5)
-    logits = jnp.where((jnp.arange(tile) < num_keys)[None, :], logits, -jnp.inf)
+    _, _, logits = _logits(q_ref.at[:, n, :], k_ref.at[:, n, :], q_bias_ref[n, :], query_valid, key_valid, num_keys)
     peak = jnp.max(logits, axis=1)
     p = jnp.exp(logits - peak[:, None])
     total = jnp.sum(p, axis=1)
@@ -120,10 +149,32 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_bias_ref, v_bias_ref, out_ref, lse_re
     lse_ref[n, :] = peak + jnp.log(total)
     return carry
 
-  if heads == 1:
-    one_head(jnp.int32(0), None)
-  else:
-    jax.lax.fori_loop(0, heads, one_head, None)
+  _each_head(heads, one_head)
+
+
+def _query_kernel(q_ref, k_ref, v_ref, q_bias_ref, v_bias_ref, out_ref, dout_ref, lse_ref, dq_ref, delta_ref,
+                  dq_sum_ref, *, queries: int, keys: int, num_keys: int):
+  """The split backward's dq (``Tiling.block_k_backward``), laid out as the forward: a program per (query block,
+  head group, example) with every key of its heads. Also each query's Σ_j p_ij dp_ij (for the key blocks' kernel)
+  and the program's share of q's bias gradient (its dq summed over rows)."""
+  block_q, heads, tile = q_ref.shape[0], q_ref.shape[1], k_ref.shape[0]
+  query_valid = pl.program_id(0) * block_q + jnp.arange(block_q) < queries
+  key_valid = jnp.arange(tile) < keys
+
+  def one_head(n, carry):
+    v, dout = _rows(v_ref.at[:, n, :], key_valid), _rows(dout_ref.at[:, n, :], query_valid)
+    q, k, logits = _logits(q_ref.at[:, n, :], k_ref.at[:, n, :], q_bias_ref[n, :], query_valid, key_valid, num_keys)
+    lse = plt.load(lse_ref.at[n, :], mask=query_valid, other=jnp.inf)  # p = 0 on rows past the end
+    p = jnp.exp(logits - lse[:, None])
+    delta = _delta(out_ref.at[:, n, :], dout, query_valid, v_bias_ref[n, :])
+    dlogits = (p * (_dot(dout, v, (1, 1)) - delta[:, None])).astype(q.dtype)
+    dq = _dot(dlogits, k, (1, 0)) * (q.shape[-1] ** -0.5)
+    plt.store(dq_ref.at[:, n, :], dq.astype(dq_ref.dtype), mask=query_valid[:, None])
+    delta_ref[n, :] = delta
+    dq_sum_ref[n, :] = jnp.sum(dq, axis=0)  # rows past the end are zeros
+    return carry
+
+  _each_head(heads, one_head)
 
 
 def _store(target, value: jax.Array, valid: jax.Array, rows=slice(None)):
@@ -134,29 +185,33 @@ def _store(target, value: jax.Array, valid: jax.Array, rows=slice(None)):
   plt.store(ref.at[index], value.astype(ref.dtype), mask=valid[:, None])
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, q_bias_ref, v_bias_ref, out_ref, dout_ref, lse_ref, dq_ref, dk_ref, dv_ref,
-                     dbias_ref, *, queries: int, keys: int, num_keys: int, block_q: int):
-  tile, head = k_ref.shape  # this program's keys: block program_id(0) of the head's
+def _backward_kernel(q_ref, k_ref, v_ref, q_bias_ref, dout_ref, lse_ref, delta, dq_ref, dk_ref, dv_ref, dbias_ref, *,
+                     queries: int, keys: int, num_keys: int, block_q: int):
+  """dk and dv of this program's keys (block program_id(0) of its head's), walking the query blocks; and each
+  block's dq (``dq_ref``), unless that is the query kernel's (None: the split backward). ``delta(rows, valid,
+  dout)``: those queries' Σ_j p_ij dp_ij. ``dbias_ref``: the biases' gradients, this program's share (its dq, dk and
+  dv summed over rows; dk and dv only without dq)."""
+  tile, head = k_ref.shape
   scale = head ** -0.5
   key_index = pl.program_id(0) * tile + jnp.arange(tile)
   key_valid = key_index < keys
   counted = (key_index < num_keys)[:, None]
   k, v = _rows(k_ref, key_valid), _rows(v_ref, key_valid)
-  q_bias, v_bias = q_bias_ref[...], v_bias_ref[...].astype(jnp.float32)
+  q_bias = q_bias_ref[...]
 
   def query_block(j, grads):  # keys on the rows of every product: the large dimension, what the MMA tiles want
     dk, dv, dq_sum = grads
     start = pl.multiple_of(j * block_q, block_q)
     rows = pl.ds(start, block_q)
     valid = start + jnp.arange(block_q) < queries
-    q, out, dout = _rows(q_ref.at[rows, :], valid, q_bias), _rows(out_ref.at[rows, :], valid), _rows(
-        dout_ref.at[rows, :], valid)
+    q, dout = _rows(q_ref.at[rows, :], valid, q_bias), _rows(dout_ref.at[rows, :], valid)
     lse = plt.load(lse_ref.at[rows], mask=valid, other=jnp.inf)  # p = 0 on rows past the end
     p_t = jnp.where(counted, jnp.exp(_dot(k, q, (1, 1)) * scale - lse[None, :]), 0.0)  # pᵀ [keys, queries]
     dv = dv + _dot(p_t.astype(dout.dtype), dout, (1, 0))
-    delta = jnp.sum(dout.astype(jnp.float32) * (out.astype(jnp.float32) - v_bias[None, :]), axis=1)  # Σ_j p_ij dp_ij
-    dlogits_t = (p_t * (_dot(v, dout, (1, 1)) - delta[None, :])).astype(q.dtype)
+    dlogits_t = (p_t * (_dot(v, dout, (1, 1)) - delta(rows, valid, dout)[None, :])).astype(q.dtype)
     dk = dk + _dot(dlogits_t, q, (1, 0))
+    if dq_ref is None:
+      return dk, dv, dq_sum
     dq = _dot(dlogits_t, k, (0, 0)) * scale
     _store(dq_ref, dq, valid, rows)
     return dk, dv, dq_sum + jnp.sum(dq, axis=0)  # rows past the end are zeros
@@ -166,8 +221,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, q_bias_ref, v_bias_ref, out_ref, dout_
                                      (zeros, zeros, jnp.zeros((head,), jnp.float32)))
   _store(dk_ref, dk * scale, key_valid)
   _store(dv_ref, dv, key_valid)
-  # the biases' gradients, this program's share: its dq, dk and dv summed over their rows (uncounted keys' are zeros)
-  for slot, total in enumerate((dq_sum, jnp.sum(dk, axis=0) * scale, jnp.sum(dv, axis=0))):
+  shares = (jnp.sum(dk, axis=0) * scale, jnp.sum(dv, axis=0))  # uncounted keys' rows are zeros
+  for slot, total in enumerate(shares if dq_ref is None else (dq_sum, *shares)):
     dbias_ref[jnp.int32(slot), :] = total
 
 
@@ -187,76 +242,114 @@ def _spec(array, position: int, rows: int, heads: "int | None", head: int, index
   return pl.BlockSpec((None, rows, None, heads, head), lambda *grid: (*index(*grid)[:2], slot, index(*grid)[2], 0))
 
 
+def _query_block_specs(q, k, v, block_q: int, group: int):
+  """The forward's layout, also the split backward's dq kernel's: grid (query block, head group, example), each
+  program with its query block and every key of its heads. Returns the grid, the BlockSpecs of q, k, v and two
+  biases [N, H], of a [B, Tq, N, H] array's block, and of a per-query array [B, N, rows]'s."""
+  heads, head = q.shape[-2:]
+  grid = (pl.cdiv(q.shape[1], block_q), heads // group, q.shape[0])
+  specs = [_spec(q, 0, block_q, group, head, lambda i, n, b: (b, i, n))] + [
+      _spec(t, position, key_tile(k.shape[1]), group, head, lambda i, n, b: (b, 0, n))
+      for position, t in ((1, k), (2, v))] + [pl.BlockSpec((group, head), lambda i, n, b: (n, 0))] * 2
+  return (grid, specs, pl.BlockSpec((None, block_q, group, head), lambda i, n, b: (b, i, n, 0)),
+          pl.BlockSpec((None, group, block_q), lambda i, n, b: (b, n, i)))
+
+
 def _forward(q, k, v, q_bias, v_bias, num_keys: int, tiling: Tiling, interpret: bool):
   batch, queries, heads, head = q.shape[0], q.shape[1], *q.shape[-2:]
-  keys = k.shape[1]
-  blocks, group = pl.cdiv(queries, tiling.block_q), math.gcd(heads, tiling.heads_per_program)
-  kernel = functools.partial(_forward_kernel, queries=queries, keys=keys, num_keys=num_keys)
-  # grid (query block, head group, example): the program's query block, every key of its heads
-  query_spec = _spec(q, 0, tiling.block_q, group, head, lambda i, n, b: (b, i, n))
-  key_specs = [_spec(t, position, key_tile(keys), group, head, lambda i, n, b: (b, 0, n))
-               for position, t in ((1, k), (2, v))]
-  bias_spec = pl.BlockSpec((group, head), lambda i, n, b: (n, 0))
+  group = math.gcd(heads, tiling.heads_per_program)
+  grid, in_specs, rows_spec, lse_spec = _query_block_specs(q, k, v, tiling.block_q, group)
   return pl.pallas_call(
-      kernel, grid=(blocks, heads // group, batch), in_specs=[query_spec, *key_specs, bias_spec, bias_spec],
-      out_specs=[pl.BlockSpec((None, tiling.block_q, group, head), lambda i, n, b: (b, i, n, 0)),
-                 pl.BlockSpec((None, group, tiling.block_q), lambda i, n, b: (b, n, i))],
+      functools.partial(_forward_kernel, queries=queries, keys=k.shape[1], num_keys=num_keys), grid=grid,
+      in_specs=in_specs, out_specs=[rows_spec, lse_spec],
       out_shape=[jax.ShapeDtypeStruct((batch, queries, heads, head), q.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, blocks * tiling.block_q), jnp.float32)],
+                 jax.ShapeDtypeStruct((batch, heads, grid[0] * tiling.block_q), jnp.float32)],
       compiler_params=plt.CompilerParams(num_warps=tiling.warps, num_stages=1 if group == 1 else 2),
       interpret=interpret, name="short_attention_forward")(q, k, v, q_bias, v_bias)
 
 
+def _query_gradients(q, k, v, q_bias, v_bias, out, lse, dout, num_keys: int, tiling: Tiling, interpret: bool):
+  """The split backward's first kernel (_query_kernel): dq, each query's Σ_j p_ij dp_ij [B, N, rows] and q's bias
+  gradient [B, N, H]."""
+  heads = q.shape[2]
+  group = math.gcd(heads, tiling.heads_per_program)
+  grid, in_specs, rows_spec, per_query_spec = _query_block_specs(q, k, v, tiling.block_q_backward, group)
+  sums_spec = pl.BlockSpec((None, None, group, q.shape[3]), lambda i, n, b: (b, i, n, 0))  # one per program
+  dq, delta, dq_sums = pl.pallas_call(
+      functools.partial(_query_kernel, queries=q.shape[1], keys=k.shape[1], num_keys=num_keys), grid=grid,
+      in_specs=in_specs + [rows_spec, rows_spec, per_query_spec], out_specs=[rows_spec, per_query_spec, sums_spec],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((q.shape[0], heads, grid[0] * tiling.block_q_backward), jnp.float32),
+                 jax.ShapeDtypeStruct((q.shape[0], grid[0], *q.shape[2:]), jnp.float32)],
+      compiler_params=plt.CompilerParams(num_warps=tiling.warps, num_stages=1 if group == 1 else 2),
+      interpret=interpret, name="short_attention_backward_queries")(q, k, v, q_bias, v_bias, out, dout, lse)
+  return dq, delta, dq_sums.sum(1)
+
+
 def _backward(q, k, v, q_bias, v_bias, out, lse, dout, num_keys: int, tiling: Tiling, interpret: bool):
+  """(dq, dk, dv), (dq, dkv) or (dqkv,) as q, k and v come, and the biases' gradients [B, 3, N, H] (Tiling: one
+  kernel, or split in two)."""
   batch, queries, heads, head = out.shape
   keys = k.shape[1]
-  block_q, key_blocks = tiling.block_q_backward, tiling.key_blocks_backward
-  rows, key_block = pl.cdiv(queries, block_q) * block_q, key_tile(keys) // key_blocks
-  if key_block < 16:
-    raise ValueError(f"key_blocks_backward {key_blocks} leaves {key_block} keys per program, fewer than a tile's 16")
+  block_q = tiling.block_q_backward
+  rows = pl.cdiv(queries, block_q) * block_q
+  split = q.ndim == 4 and 0 < tiling.block_k_backward < key_tile(keys)
+  key_block = tiling.block_k_backward if split else key_tile(keys)
   if q.ndim == 5:  # q, k and v packed: one block of rows holds a head's queries and keys (each a power of 2 ≥ 16)
-    if key_blocks > 1:
-      raise ValueError("q, k and v packed in one array need key_blocks_backward 1 (dq whole in one program)")
     key_block = max(key_block, rows)
-  query_spec = pl.BlockSpec((None, rows, None, head), lambda j, n, b: (b, 0, n, 0))
+  key_blocks = pl.cdiv(keys, key_block)
+  # grid (key block, head, example): the program's keys, every query of its head
+  rows_spec = pl.BlockSpec((None, rows, None, head), lambda j, n, b: (b, 0, n, 0))
+  per_query_spec = pl.BlockSpec((None, None, rows), lambda j, n, b: (b, n, 0))
+  bias_spec = pl.BlockSpec((None, head), lambda j, n, b: (n, 0))
   in_specs = [_spec(q, 0, rows, None, head, lambda j, n, b: (b, 0, n))] + [
-      _spec(t, position, key_block, None, head, lambda j, n, b: (b, j, n)) for position, t in ((1, k), (2, v))]
-  # the outputs: dq, dk and dv, or one array with the packed ones
-  if q.ndim == 5:  # all three: one program writes its head's dq, dk and dv
-    out_specs = [pl.BlockSpec((None, key_block, 3, None, head), lambda j, n, b: (b, 0, 0, n, 0))]
-    out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-  else:
-    if key_blocks == 1:  # dq complete in one program
-      out_specs, out_shapes = [query_spec], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    else:  # one partial dq per key block, in fp32
-      out_specs = [pl.BlockSpec((None, None, rows, None, head), lambda j, n, b: (j, b, 0, n, 0))]
-      out_shapes = [jax.ShapeDtypeStruct((key_blocks, *q.shape), jnp.float32)]
-    if k.ndim == 5:  # dk and dv in one array
-      out_specs.append(pl.BlockSpec((None, key_block, 2, None, head), lambda j, n, b: (b, j, 0, n, 0)))
-      out_shapes.append(jax.ShapeDtypeStruct(k.shape, k.dtype))
+      _spec(t, position, key_block, None, head, lambda j, n, b: (b, j, n)) for position, t in ((1, k), (2, v))] + [
+          bias_spec, rows_spec, per_query_spec]
+  operands = [q, k, v, q_bias, dout, lse]
+  out_specs, out_shapes = [], []
+  if split:  # dq from its own kernel, with each query's Σ_j p_ij dp_ij for this one
+    dq, delta, dq_bias = _query_gradients(q, k, v, q_bias, v_bias, out, lse, dout, num_keys, tiling, interpret)
+    in_specs.append(per_query_spec)
+    operands.append(delta)
+  else:  # dq here, whole: alone, or all three packed (one program writes its head's dq, dk and dv)
+    in_specs += [bias_spec, rows_spec]
+    operands += [v_bias, out]
+    out_specs.append(rows_spec if q.ndim == 4 else
+                     pl.BlockSpec((None, key_block, 3, None, head), lambda j, n, b: (b, 0, 0, n, 0)))
+    out_shapes.append(jax.ShapeDtypeStruct(q.shape, q.dtype))
+  if q.ndim == 4 and k.ndim == 5:  # dk and dv in one array
+    out_specs.append(pl.BlockSpec((None, key_block, 2, None, head), lambda j, n, b: (b, j, 0, n, 0)))
+    out_shapes.append(jax.ShapeDtypeStruct(k.shape, k.dtype))
+  elif q.ndim == 4:
+    out_specs += in_specs[1:3]
+    out_shapes += [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2
+  # and the biases' gradients, one share per program: [B, key blocks, 3 (2 without dq), N, H] in fp32
+  slots = 2 if split else 3
+  out_specs.append(pl.BlockSpec((None, None, slots, None, head), lambda j, n, b: (b, j, 0, n, 0)))
+  out_shapes.append(jax.ShapeDtypeStruct((batch, key_blocks, slots, heads, head), jnp.float32))
+
+  def kernel(q_ref, k_ref, v_ref, q_bias_ref, dout_ref, lse_ref, *refs):
+    if split:
+      delta_ref, *refs = refs
+      delta = lambda rows, valid, dout: plt.load(delta_ref.at[rows], mask=valid, other=0.0)
     else:
-      out_specs += in_specs[1:]
-      out_shapes += [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2
-  # and the biases' gradients, one share per program: [B, key blocks, 3, N, H] in fp32
-  out_specs.append(pl.BlockSpec((None, None, 3, None, head), lambda j, n, b: (b, j, 0, n, 0)))
-  out_shapes.append(jax.ShapeDtypeStruct((batch, key_blocks, 3, heads, head), jnp.float32))
-  kernel = functools.partial(_backward_kernel, queries=queries, keys=keys, num_keys=num_keys, block_q=block_q)
+      v_bias_ref, out_ref, *refs = refs
+      v_bias = v_bias_ref[...]
+      delta = lambda rows, valid, dout: _delta(out_ref.at[rows, :], dout, valid, v_bias)
+    # dq, dk and dv's targets (_store): each output, or the slots of a packed one; dq None when split
+    targets = [None] * split + [t for ref in refs[:-1]
+                                for t in ([ref] if len(ref.shape) == 2 else [(ref, s) for s in range(ref.shape[1])])]
+    _backward_kernel(q_ref, k_ref, v_ref, q_bias_ref, dout_ref, lse_ref, delta, *targets, refs[-1], queries=queries,
+                     keys=keys, num_keys=num_keys, block_q=block_q)
 
-  def unpacked(*refs):  # the kernel's dq, dk and dv targets (_store): each output, or the slots of a packed one
-    targets = [t for ref in refs[8:-1]
-               for t in ([ref] if len(ref.shape) == 2 else [(ref, slot) for slot in range(ref.shape[1])])]
-    return kernel(*refs[:8], *targets, refs[-1])
-
-  grads = list(pl.pallas_call(
-      unpacked, grid=(key_blocks, heads, batch),
-      in_specs=in_specs + [pl.BlockSpec((None, head), lambda j, n, b: (n, 0))] * 2 + [
-          query_spec, query_spec, pl.BlockSpec((None, None, rows), lambda j, n, b: (b, n, 0))],
-      out_specs=out_specs, out_shape=out_shapes,
+  *grads, dbias = pl.pallas_call(
+      kernel, grid=(key_blocks, heads, batch), in_specs=in_specs, out_specs=out_specs, out_shape=out_shapes,
       compiler_params=plt.CompilerParams(num_warps=tiling.warps_backward, num_stages=2), interpret=interpret,
-      name="short_attention_backward")(q, k, v, q_bias, v_bias, out, dout, lse))
-  if q.ndim == 4 and key_blocks > 1:
-    grads[0] = grads[0].sum(0).astype(q.dtype)
-  return tuple(grads)
+      name="short_attention_backward")(*operands)
+  dbias = dbias.sum(1)
+  if split:
+    return dq, *grads, jnp.concatenate([dq_bias[:, None], dbias], axis=1)
+  return *grads, dbias
 
 
 # Each kernel's arrays, einsum-like: b examples, n heads (both may be split over devices), q and k tokens, h channels,
@@ -266,7 +359,7 @@ def _backward(q, k, v, q_bias, v_bias, out, lse, dout, num_keys: int, tiling: Ti
 _OPERANDS = {"": "b q n h, b k n h, b k n h", "kv": "b q n h, b k s n h, b k s n h",
              "qkv": "b q s n h, b q s n h, b q s n h"}
 _GRADIENTS = {"": "b q n h, b k n h, b k n h", "kv": "b q n h, b k s n h", "qkv": "b q s n h"}
-_BIAS_GRADIENTS = "b c t n h"  # c: the key blocks, t: q, k, v
+_BIAS_GRADIENTS = "b t n h"  # t: q, k, v
 
 
 @functools.lru_cache(maxsize=None)
@@ -326,8 +419,8 @@ def _attention_bwd(num_keys, tiling, residuals, dout):
   arrays, bias, out, lse = residuals
   *grads, dbias = _kernel("backward", num_keys, tiling, _PACKINGS[len(arrays)])(
       *_operands(arrays), bias[0], bias[2], out, lse, dout)
-  # a bias's gradient: its tensor's, summed over examples and tokens (the kernel's shares, summed)
-  return tuple(grads), jnp.sum(dbias, (0, 1)).astype(bias.dtype)
+  # a bias's gradient: its tensor's, summed over examples and tokens (the kernels' shares, summed)
+  return tuple(grads), jnp.sum(dbias, 0).astype(bias.dtype)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

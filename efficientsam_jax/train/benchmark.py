@@ -568,8 +568,8 @@ def bench_sami_input(args) -> list[dict]:
 
 
 def parse_tilings(text: str) -> list[Tiling]:
-  """``"64,4,16,8;32,4,16,8,2,2"`` → Tilings: block_q, warps, block_q_backward, warps_backward[, heads_per_program[,
-  key_blocks_backward]] each."""
+  """``"64,4,16,8;32,4,16,8,2,32"`` → Tilings: block_q, warps, block_q_backward, warps_backward[, heads_per_program[,
+  block_k_backward]] each."""
   tilings = []
   for item in text.split(";"):
     try:
@@ -579,7 +579,7 @@ def parse_tilings(text: str) -> list[Tiling]:
       tilings.append(Tiling(*values))
     except ValueError as e:
       raise argparse.ArgumentTypeError(f"tiling {item!r}: expected block_q,warps,block_q_backward,warps_backward"
-                                       f"[,heads_per_program[,key_blocks_backward]]: {e}") from e
+                                       f"[,heads_per_program[,block_k_backward]]: {e}") from e
   return tilings
 
 
@@ -685,7 +685,7 @@ def _parse_args(argv):
   attend.add_argument("--implementations", type=lambda s: s.split(","), default=["xla", "cudnn", "pallas"])
   attend.add_argument("--tilings", type=parse_tilings, default=[Tiling()],
                       help="pallas: block_q,warps,block_q_backward,warps_backward[,heads_per_program"
-                      "[,key_blocks_backward]] sets separated by ';'")
+                      "[,block_k_backward]] sets separated by ';'")
   attend.add_argument("--batch", type=int, default=256)
   attend.add_argument("--queries", type=int, default=147)
   attend.add_argument("--keys", type=int, default=196)
