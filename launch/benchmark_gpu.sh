@@ -20,8 +20,8 @@
 # All parts together take ~55 min, more than one session's device time (15 min, machine start ~30 s included). One
 # process per part costs ~90 s before its first row on an H200 (start, init, a ~40 s compile), each further row
 # ~60 s; the limits below are sized on that. Most informative first, one call per line (the fourteenth session ran
-# "sami_pallas", then split the backward in two kernels, untimed): "attention attention_ncu" (≤ 6 min), then
-# "sami_pallas" with the fastest tiling as the default, "sami_profile sami" (≤ 6.7 min), "sami_kernels teacher"
+# "sami_pallas", then split the backward in two kernels, untimed): "attention sami_pallas" (≤ 8.3 min: the split
+# alone, then in the step), "attention_ncu sami_profile" (≤ 5.2 min), "sami" (≤ 4.5 min), "sami_kernels teacher"
 # (≤ 7.8 min), "sami_flags" (≤ 9.2 min), "sami_options" (≤ 6 min), "finetune" (≤ 5 min), then the rest.
 # sami_profile leaves the step's top ops (top_ops_sami_s.json) and its whole trace (trace_sami_s.json.gz: every
 # kernel with its duration and grid) in OUTDIR.
@@ -57,9 +57,10 @@ for part in $parts; do
         --json "$out/attention.json"
       run attention 60 $bench attention --implementations cudnn,pallas --queries 50 --keys 50 --heads 6 \
         --head-dim 64 --steps 20 --repeats 3 --tilings "64,4,32,8,4;32,4,32,8,4" --json "$out/attention_encoder.json" ;;
-    sami_pallas) run sami_pallas 260 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
-      --kernels "attention=cudnn,layer_norm=one_pass;attention=pallas,layer_norm=one_pass" \
-      --json "$out/sami_pallas.json" ;;
+    sami_pallas)  # cuDNN's attention, the Pallas kernels with the default tiling, and with the backward split
+      run sami_pallas 320 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
+        --kernels "attention=cudnn,layer_norm=one_pass;attention=pallas,layer_norm=one_pass;\
+attention=pallas,layer_norm=one_pass,tiling=64/4/16/4/4/32" --json "$out/sami_pallas.json" ;;
     attention_ncu)  # what bounds each attention kernel: Nsight Compute's throughputs against the chip's peaks,
       # occupancy, and where the warps stall (each kernel replayed per section; the fp32 reference is not profiled).
       # Without preallocation: ncu saves and restores the device memory a replayed kernel could write, and XLA's

@@ -135,18 +135,23 @@ def test_bf16_inputs_keep_fp32_softmax():
     np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0, atol=3e-2 * float(jnp.abs(want).max()))
 
 
-def test_decoder_block_with_pallas_attention_is_the_xla_block():
+@pytest.mark.parametrize("tiling", ["", "16/4/16/4/2/16"])
+def test_decoder_block_with_pallas_attention_is_the_xla_block(tiling):
   """SAMI's cross-attention block, same parameters: the "pallas" kernels give the "xla" block's output and
-  parameter gradients (layers.Kernels routes every ``attend`` through them)."""
+  parameter gradients (layers.Kernels routes every ``attend`` through them, with its ``tiling``: here also the
+  backward split in two kernels over the 28 keys)."""
   rng = np.random.default_rng(2)
   queries = jnp.asarray(rng.normal(size=(2, 21, 64)), jnp.float32)
   context = jnp.asarray(rng.normal(size=(2, 7, 64)), jnp.float32)
-  blocks = {name: CrossAttentionBlock(num_heads=4, kernels=Kernels(attention=name)) for name in ("xla", "pallas")}
+  blocks = {"xla": CrossAttentionBlock(num_heads=4, kernels=Kernels(attention="xla")),
+            "pallas": CrossAttentionBlock(num_heads=4, kernels=Kernels(attention="pallas", tiling=tiling))}
   params = blocks["xla"].init(jax.random.PRNGKey(0), queries, context)
   results = {}
   for name, block in blocks.items():
     loss = lambda p: jnp.sum(jnp.sin(block.apply(p, queries, context)))
     results[name] = (block.apply(params, queries, context), jax.grad(loss)(params))
+  program = str(jax.make_jaxpr(jax.grad(loss))(params))  # the pallas block's: the tiling reached the kernels
+  assert ("short_attention_backward_queries" in program) == bool(tiling)
   np.testing.assert_allclose(results["pallas"][0], results["xla"][0], rtol=0, atol=1e-5)
   # The key bias's gradient is zero up to rounding (it shifts a query's logits all alike): one scale for all.
   scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(results["xla"][1]))
@@ -174,6 +179,12 @@ def test_shapes_it_cannot_hold_are_refused():
     Tiling(heads_per_program=3)
   with pytest.raises(ValueError, match="block_k_backward must be 0 or a power of 2 from 16"):
     Tiling(block_k_backward=8)
+  assert Tiling.parse("64/4/16/4/2/32") == Tiling.parse("64,4,16,4,2,32") == Tiling(64, 4, 16, 4, 2, 32)
+  assert Tiling.parse("") == Tiling()
+  with pytest.raises(ValueError, match="4 to 6 numbers"):
+    Tiling.parse("64/4/16")
+  with pytest.raises(ValueError, match="block_q must be a power of 2"):  # a config's kernels: refused at once
+    Kernels(attention="pallas", tiling="48/4/16/4")
   with pytest.raises(ValueError, match="relative positions"):
     x = jnp.zeros((1, 4, 4, 32))
     SamAttention(num_heads=2, rel_pos_size=4, attention="pallas").init(jax.random.PRNGKey(0), x)

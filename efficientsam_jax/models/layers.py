@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from efficientsam_jax.models.short_attention import fits, short_attention
+from efficientsam_jax.models.short_attention import Tiling, fits, short_attention
 
 Dtype = Any
 
@@ -69,7 +69,8 @@ def resolve_attention(implementation: str, dtype: Dtype, device: "jax.Device | N
 
 
 def attention(q: jax.Array, k: "jax.Array | None", v: "jax.Array | None", implementation: str = "xla",
-              num_keys: "int | None" = None, bias: "jax.Array | None" = None) -> jax.Array:
+              num_keys: "int | None" = None, bias: "jax.Array | None" = None,
+              tiling: "Tiling | None" = None) -> jax.Array:
   """Softmax attention on [..., T, N, H] (tokens, heads, head dim) → [..., T, N, H]. Packed operands (one
   projection's output, which the Pallas kernels read as it is): v None, k holds k and v [..., S, 2, N, H]; k and v
   None, q holds q, k and v [..., T, 3, N, H].
@@ -88,14 +89,15 @@ def attention(q: jax.Array, k: "jax.Array | None", v: "jax.Array | None", implem
   "auto": "pallas", "cudnn" or "xla" by the backend, q's dtype and the shapes (``resolve_attention``).
   ``num_keys``: only the first ``num_keys`` keys count (the rest are padding). ``bias`` [3, N, H]: the q, k and v
   projections' biases, not yet added (the Pallas kernels apply them themselves, which saves a kernel per
-  projection; the others add them first).
+  projection; the others add them first). ``tiling``: the Pallas kernels' blocks and warps (default ``Tiling()``).
   """
   shape = q.shape if k is not None else (*q.shape[:-3], *q.shape[-2:])  # the output's
   keys = q.shape[-4] if k is None else k.shape[-4] if v is None else k.shape[-3]
   implementation = resolve_attention(implementation, q.dtype, keys=keys, head_dim=q.shape[-1])
   if implementation == "pallas":
     examples = lambda t: None if t is None else t.reshape(-1, *t.shape[len(shape) - 3:])
-    return short_attention(examples(q), examples(k), examples(v), num_keys, bias=bias).reshape(shape)
+    return short_attention(examples(q), examples(k), examples(v), num_keys, tiling or Tiling(),
+                           bias=bias).reshape(shape)
   if k is None:
     q, k, v = (q[..., s, :, :] for s in range(3))
   elif v is None:
@@ -284,6 +286,9 @@ class Kernels:
   backward: what LayerNorm and GELU keep for the backward pass: "lean" (their input and LayerNorm's row
   statistics: ``lean_layer_norm``, ``lean_gelu``) or "autodiff" (jax's autodiff of the forward, which keeps
   fp32 intermediates). Same values either way; the gradients differ by rounding.
+  tiling: the Pallas attention's blocks and warps, "" for the default or its numbers joined by "/"
+  (``short_attention.Tiling.parse``, e.g. "64/4/16/4/4/32"): the fastest blocks differ between GPUs and shapes
+  (``launch/benchmark_gpu.sh``'s attention part times some). Same values; the gradients differ by rounding.
   The defaults compute exactly what the official PyTorch modules do.
   """
 
@@ -291,16 +296,18 @@ class Kernels:
   layer_norm: str = "two_pass"
   gelu: str = "exact"
   backward: str = "lean"
+  tiling: str = ""
 
   def __post_init__(self):
     for field, allowed in (("attention", ATTENTION_IMPLEMENTATIONS), ("layer_norm", ("two_pass", "one_pass")),
                            ("gelu", ("exact", "tanh")), ("backward", ("lean", "autodiff"))):
       if getattr(self, field) not in allowed:
         raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
+    Tiling.parse(self.tiling)  # refused here, not at the first attention
 
   def attend(self, q: jax.Array, k: "jax.Array | None", v: "jax.Array | None", num_keys: "int | None" = None,
              bias: "jax.Array | None" = None) -> jax.Array:
-    return attention(q, k, v, self.attention, num_keys, bias)
+    return attention(q, k, v, self.attention, num_keys, bias, Tiling.parse(self.tiling))
 
   def implementation(self, keys: int, head_dim: int, dtype: Dtype) -> str:
     """The attention that ``attend`` runs over ``keys`` keys of ``head_dim`` channels (``resolve_attention``)."""

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,18 @@ class Tiling:
       raise ValueError(f"heads_per_program must be a power of 2, got {self.heads_per_program}")
     if self.block_k_backward and (self.block_k_backward < 16 or self.block_k_backward & (self.block_k_backward - 1)):
       raise ValueError(f"block_k_backward must be 0 or a power of 2 from 16 on, got {self.block_k_backward}")
+
+  @classmethod
+  def parse(cls, text: str) -> "Tiling":
+    """``"64/4/16/4/4/32"`` (or with commas) → Tiling(block_q, warps, block_q_backward, warps_backward[,
+    heads_per_program[, block_k_backward]]); "" → the default."""
+    if not text.strip():
+      return cls()
+    values = [int(v) for v in re.split(r"[/,]", text)]
+    if not 4 <= len(values) <= 6:
+      raise ValueError(f"a tiling is 4 to 6 numbers (block_q, warps, block_q_backward, warps_backward[, "
+                       f"heads_per_program[, block_k_backward]]), got {text!r}")
+    return cls(*values)
 
 
 def fits(keys: int, head_dim: int) -> bool:

@@ -568,19 +568,12 @@ def bench_sami_input(args) -> list[dict]:
 
 
 def parse_tilings(text: str) -> list[Tiling]:
-  """``"64,4,16,8;32,4,16,8,2,32"`` → Tilings: block_q, warps, block_q_backward, warps_backward[, heads_per_program[,
-  block_k_backward]] each."""
-  tilings = []
-  for item in text.split(";"):
-    try:
-      values = [int(v) for v in item.split(",")]
-      if not 4 <= len(values) <= 6:
-        raise ValueError(f"{len(values)} numbers")
-      tilings.append(Tiling(*values))
-    except ValueError as e:
-      raise argparse.ArgumentTypeError(f"tiling {item!r}: expected block_q,warps,block_q_backward,warps_backward"
-                                       f"[,heads_per_program[,block_k_backward]]: {e}") from e
-  return tilings
+  """``"64,4,16,8;32,4,16,8,2,32"`` → Tilings (``Tiling.parse``): block_q, warps, block_q_backward,
+  warps_backward[, heads_per_program[, block_k_backward]] each."""
+  try:
+    return [Tiling.parse(item) for item in text.split(";")]
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f"tilings {text!r}: {e}") from e
 
 
 def bench_attention(args) -> list[dict]:

@@ -32,9 +32,10 @@ def get_sami_config(variant: str, arg=None) -> ml_collections.ConfigDict:
   # LayerNorm "one_pass" (flax's default, fp32 statistics) or "two_pass" (PyTorch's);
   # the decoder's GELU "exact" or "tanh" (the student encoder keeps the exact GELU it is exported with);
   # backward "lean" (LayerNorm and GELU keep only their inputs for the backward pass: ViT-S 87 → 54 MB of
-  # activations per example) or "autodiff".
+  # activations per example) or "autodiff"; tiling: the Pallas attention's blocks and warps ("" the default, or
+  # e.g. "64/4/16/4/4/32": short_attention.Tiling.parse), which a GPU other than the H200 may want tuned.
   config.kernels = ml_collections.ConfigDict({"attention": "auto", "layer_norm": "one_pass", "gelu": "exact",
-                                              "backward": "lean"})
+                                              "backward": "lean", "tiling": ""})
   config.dtype = "bfloat16"
   config.remat = "none"  # or "full", "dots", "projections": what the blocks keep for the backward (layers.remat)
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
