@@ -73,7 +73,7 @@ class Tiling:
   # The fastest measured on an H200 for SAMI's decoder (BENCHMARKS.md, thirteenth session).
   block_q: int = 64
   warps: int = 4
-  block_q_backward: int = 32  # 254 registers per thread on an H100, none spilled; 16: 182
+  block_q_backward: int = 32  # 254-255 registers per thread on an H100 (by jax version), none spilled; 16: 182
   warps_backward: int = 8
   heads_per_program: int = 4
   block_k_backward: int = 0
