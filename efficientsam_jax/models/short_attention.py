@@ -66,7 +66,7 @@ class Tiling:
   dk and dv by a program per block of n keys walking the query blocks (``block_q_backward``, ``warps_backward``),
   which holds 1/⌈keys/n⌉ of the state, so that several programs fit on an SM; and dq by a program per query block
   (``block_q_backward``) that holds every key of its heads (``warps``, ``heads_per_program``), as the forward does,
-  and also writes each query's Σ_j p_ij dp_ij for the first kernel. Self-attention with q, k and v packed in one
+  and also writes each query's Σ_j p_ij dp_ij for the dk/dv kernel. Self-attention with q, k and v packed in one
   array keeps the one kernel (one program writes dq, dk and dv into their packed array), as does n ≥ the key
   tile."""
 
