@@ -137,6 +137,13 @@ def _delta(out_ref, dout: jax.Array, valid: jax.Array, v_bias: jax.Array) -> jax
   return jnp.sum(dout.astype(jnp.float32) * (out - v_bias.astype(jnp.float32)[None, :]), axis=1)
 
 
+def _query_block_rows(q_ref, k_ref, queries: int, keys: int) -> tuple[int, jax.Array, jax.Array]:
+  """A query-block program's (``_query_block_specs``) head count, and which of its query rows and key rows are
+  real (not past the end of their arrays)."""
+  block_q, heads, tile = q_ref.shape[0], q_ref.shape[1], k_ref.shape[0]
+  return heads, pl.program_id(0) * block_q + jnp.arange(block_q) < queries, jnp.arange(tile) < keys
+
+
 def _each_head(heads: int, one_head):
   """one_head(n) for each of a program's heads: a loop when there are several."""
   if heads == 1:
@@ -147,9 +154,7 @@ def _each_head(heads: int, one_head):
 
 def _forward_kernel(q_ref, k_ref, v_ref, q_bias_ref, v_bias_ref, out_ref, lse_ref, *, queries: int, keys: int,
                     num_keys: int):
-  block_q, heads, tile = q_ref.shape[0], q_ref.shape[1], k_ref.shape[0]
-  query_valid = pl.program_id(0) * block_q + jnp.arange(block_q) < queries
-  key_valid = jnp.arange(tile) < keys
+  heads, query_valid, key_valid = _query_block_rows(q_ref, k_ref, queries, keys)
 
   def one_head(n, carry):
     v = _rows(v_ref.at[:, n, :], key_valid)
@@ -170,9 +175,7 @@ def _query_kernel(q_ref, k_ref, v_ref, q_bias_ref, v_bias_ref, out_ref, dout_ref
   """The split backward's dq (``Tiling.block_k_backward``), laid out as the forward: a program per (query block,
   head group, example) with every key of its heads. Also each query's Σ_j p_ij dp_ij (for the key blocks' kernel)
   and the program's share of q's bias gradient (its dq summed over rows)."""
-  block_q, heads, tile = q_ref.shape[0], q_ref.shape[1], k_ref.shape[0]
-  query_valid = pl.program_id(0) * block_q + jnp.arange(block_q) < queries
-  key_valid = jnp.arange(tile) < keys
+  heads, query_valid, key_valid = _query_block_rows(q_ref, k_ref, queries, keys)
 
   def one_head(n, carry):
     v, dout = _rows(v_ref.at[:, n, :], key_valid), _rows(dout_ref.at[:, n, :], query_valid)
@@ -255,47 +258,48 @@ def _spec(array, position: int, rows: int, heads: "int | None", head: int, index
   return pl.BlockSpec((None, rows, None, heads, head), lambda *grid: (*index(*grid)[:2], slot, index(*grid)[2], 0))
 
 
-def _query_block_specs(q, k, v, block_q: int, group: int):
+def _query_block_specs(q, k, v, block_q: int, tiling: Tiling):
   """The forward's layout, also the split backward's dq kernel's: grid (query block, head group, example), each
-  program with its query block and every key of its heads. Returns the grid, the BlockSpecs of q, k, v and two
-  biases [N, H], of a [B, Tq, N, H] array's block, and of a per-query array [B, N, rows]'s."""
+  program with its query block and every key of its group of heads (``tiling.heads_per_program``, looped). Returns
+  the grid, the group's size, the BlockSpecs of q, k, v and two biases [N, H], of a [B, Tq, N, H] array's block and
+  of a per-query array [B, N, rows]'s, and the compiler parameters (``tiling.warps``; the loads of a group's next
+  head pipelined)."""
   heads, head = q.shape[-2:]
+  group = math.gcd(heads, tiling.heads_per_program)
   grid = (pl.cdiv(q.shape[1], block_q), heads // group, q.shape[0])
   specs = [_spec(q, 0, block_q, group, head, lambda i, n, b: (b, i, n))] + [
       _spec(t, position, key_tile(k.shape[1]), group, head, lambda i, n, b: (b, 0, n))
       for position, t in ((1, k), (2, v))] + [pl.BlockSpec((group, head), lambda i, n, b: (n, 0))] * 2
-  return (grid, specs, pl.BlockSpec((None, block_q, group, head), lambda i, n, b: (b, i, n, 0)),
-          pl.BlockSpec((None, group, block_q), lambda i, n, b: (b, n, i)))
+  return (grid, group, specs, pl.BlockSpec((None, block_q, group, head), lambda i, n, b: (b, i, n, 0)),
+          pl.BlockSpec((None, group, block_q), lambda i, n, b: (b, n, i)),
+          plt.CompilerParams(num_warps=tiling.warps, num_stages=1 if group == 1 else 2))
 
 
 def _forward(q, k, v, q_bias, v_bias, num_keys: int, tiling: Tiling, interpret: bool):
   batch, queries, heads, head = q.shape[0], q.shape[1], *q.shape[-2:]
-  group = math.gcd(heads, tiling.heads_per_program)
-  grid, in_specs, rows_spec, lse_spec = _query_block_specs(q, k, v, tiling.block_q, group)
+  grid, _, in_specs, rows_spec, lse_spec, params = _query_block_specs(q, k, v, tiling.block_q, tiling)
   return pl.pallas_call(
       functools.partial(_forward_kernel, queries=queries, keys=k.shape[1], num_keys=num_keys), grid=grid,
       in_specs=in_specs, out_specs=[rows_spec, lse_spec],
       out_shape=[jax.ShapeDtypeStruct((batch, queries, heads, head), q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, grid[0] * tiling.block_q), jnp.float32)],
-      compiler_params=plt.CompilerParams(num_warps=tiling.warps, num_stages=1 if group == 1 else 2),
-      interpret=interpret, name="short_attention_forward")(q, k, v, q_bias, v_bias)
+      compiler_params=params, interpret=interpret, name="short_attention_forward")(q, k, v, q_bias, v_bias)
 
 
 def _query_gradients(q, k, v, q_bias, v_bias, out, lse, dout, num_keys: int, tiling: Tiling, interpret: bool):
   """The split backward's first kernel (_query_kernel): dq, each query's Σ_j p_ij dp_ij [B, N, rows] and q's bias
   gradient [B, N, H]."""
-  heads = q.shape[2]
-  group = math.gcd(heads, tiling.heads_per_program)
-  grid, in_specs, rows_spec, per_query_spec = _query_block_specs(q, k, v, tiling.block_q_backward, group)
+  block_q = tiling.block_q_backward
+  grid, group, in_specs, rows_spec, per_query_spec, params = _query_block_specs(q, k, v, block_q, tiling)
   sums_spec = pl.BlockSpec((None, None, group, q.shape[3]), lambda i, n, b: (b, i, n, 0))  # one per program
   dq, delta, dq_sums = pl.pallas_call(
       functools.partial(_query_kernel, queries=q.shape[1], keys=k.shape[1], num_keys=num_keys), grid=grid,
       in_specs=in_specs + [rows_spec, rows_spec, per_query_spec], out_specs=[rows_spec, per_query_spec, sums_spec],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((q.shape[0], heads, grid[0] * tiling.block_q_backward), jnp.float32),
+                 jax.ShapeDtypeStruct((q.shape[0], q.shape[2], grid[0] * block_q), jnp.float32),
                  jax.ShapeDtypeStruct((q.shape[0], grid[0], *q.shape[2:]), jnp.float32)],
-      compiler_params=plt.CompilerParams(num_warps=tiling.warps, num_stages=1 if group == 1 else 2),
-      interpret=interpret, name="short_attention_backward_queries")(q, k, v, q_bias, v_bias, out, dout, lse)
+      compiler_params=params, interpret=interpret, name="short_attention_backward_queries")(
+          q, k, v, q_bias, v_bias, out, dout, lse)
   return dq, delta, dq_sums.sum(1)
 
 
