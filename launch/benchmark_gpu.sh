@@ -3,34 +3,37 @@
 #
 #   bash launch/benchmark_gpu.sh OUTDIR [WHEELS_DIR] [PARTS]
 #
-# PARTS (default: all, in this order): attention sami_pallas attention_ncu sami_profile sami_kernels sami_flags sami
-# sami_options teacher finetune sami_input sami_smoke inference everything. Each part runs under its own time limit
-# so one slow part cannot starve the rest: the SAMI decoder's attention alone (cuDNN, XLA, and the Pallas
-# short_attention kernels under several tilings, models/short_attention.py Tiling: ms, TFLOP/s, error against fp32;
-# and the ViT-S encoder's); the ViT-S step with the Pallas attention beside cuDNN's; the attention kernels under
-# Nsight Compute (what bounds each: throughput against the chip's peaks, occupancy, warp stalls); the top device ops
-# (HLO instructions) of the ViT-S step with the SAMI configs' kernels (attention "auto" = the Pallas kernels on the
+# PARTS (default: all, in this order): mlp sami_pallas sami_512 attention attention_ncu sami_profile sami_kernels
+# sami_flags sami sami_options teacher finetune sami_input sami_smoke inference everything. Each part runs under its own
+# time limit so one slow part cannot starve the rest: the SAMI decoder's MLP alone (XLA's, and the Pallas gelu_mlp
+# kernels with the GELU inside the matmuls under several tilings, models/gelu_mlp.py MatmulTiling); the ViT-S step with
+# the Pallas attention, with its backward split, and with the Pallas MLP, and at batch 512 per device; the SAMI
+# decoder's attention alone (cuDNN, XLA, and the Pallas short_attention kernels under several tilings,
+# models/short_attention.py Tiling: ms, TFLOP/s, error against fp32; and the ViT-S encoder's); the attention kernels
+# under Nsight Compute (what bounds each: throughput against the chip's peaks, occupancy, warp stalls); the top device
+# ops (HLO instructions) of the ViT-S step with the SAMI configs' kernels (attention "auto" = the Pallas kernels on the
 # GPU) (--profile); ViT-S with other attention/LayerNorm/GELU choices side by side (models/layers.py Kernels); ViT-S
-# under XLA compiler options (XLA_FLAGS: cuBLASLt epilogues, Triton and cuDNN GEMM fusions; one process each, the
-# first without any as the baseline); the SAMI train step per student size (img/s, MFU; bf16, batch 256/device);
-# ViT-S at batch 512 in one pass and in 2 microbatches, and with remat (models/layers.py remat); the teacher
-# precompute (ViT-H views/s, XLA and cuDNN attention); the finetuning step (EfficientSAM-Ti/S, 8 images × 64 masks
-# per device, XLA and cuDNN attention); the SAMI input pipeline; the README's SAMI smoke job end to end; the
-# inference benchmark (XLA and cuDNN attention); segment-everything against the notebook's approach.
+# under XLA compiler options (XLA_FLAGS: cuBLASLt epilogues, Triton and cuDNN GEMM fusions; one process each, the first
+# without any as the baseline); the SAMI train step per student size (img/s, MFU; bf16, batch 256/device); ViT-S at
+# batch 512 in one pass and in 2 microbatches, and with remat (models/layers.py remat); the teacher precompute (ViT-H
+# views/s, XLA and cuDNN attention); the finetuning step (EfficientSAM-Ti/S, 8 images × 64 masks per device, XLA and
+# cuDNN attention); the SAMI input pipeline; the README's SAMI smoke job end to end; the inference benchmark (XLA and
+# cuDNN attention); segment-everything against the notebook's approach.
 # All parts together take ~55 min, more than one session's device time (15 min, machine start ~30 s included). One
-# process per part costs ~90 s before its first row on an H200 (start, init, a ~40 s compile), each further row
-# ~60 s; the limits below are sized on that. Most informative first, one call per line (the fourteenth session ran
-# "sami_pallas", then split the backward in two kernels, untimed): "attention sami_pallas" (≤ 8.3 min: the split
-# alone, then in the step), "attention_ncu sami_profile" (≤ 5.2 min), "sami" (≤ 4.5 min), "sami_kernels teacher"
-# (≤ 7.8 min), "sami_flags" (≤ 9.2 min), "sami_options" (≤ 6 min), "finetune" (≤ 5 min), then the rest.
+# process per part costs ~90 s before its first row on an H200 (start, init, a ~40 s compile), each further row ~60 s;
+# the limits below are sized on that. Most informative first, one call per line (the fourteenth session split the
+# attention's backward in two kernels, the fifteenth put the GELU inside the MLP's matmuls, both untimed): "mlp
+# sami_pallas sami_512" (≤ 8.7 min: the MLP alone, the step with each change, batch 512), "attention attention_ncu"
+# (≤ 6 min), "sami_profile sami" (≤ 6.7 min), "sami_kernels teacher" (≤ 7.8 min), "sami_flags" (≤ 9.2 min),
+# "sami_options" (≤ 6 min), "finetune" (≤ 5 min), then the rest.
 # sami_profile leaves the step's top ops (top_ops_sami_s.json) and its whole trace (trace_sami_s.json.gz: every
 # kernel with its duration and grid) in OUTDIR.
 # WHEELS_DIR: wheels of packages the machine lacks, installed to /tmp/site first (for machines
 # without a package index; `bash launch/gpu_wheels.sh` downloads them into .whl/, to carry).
 set -uo pipefail
 out=${1:?output directory}; wheels=${2:-}
-parts=${3:-attention sami_pallas attention_ncu sami_profile sami_kernels sami_flags sami sami_options teacher finetune \
-sami_input sami_smoke inference everything}
+parts=${3:-mlp sami_pallas sami_512 attention attention_ncu sami_profile sami_kernels sami_flags sami sami_options \
+teacher finetune sami_input sami_smoke inference everything}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -n "$wheels" ]]; then
@@ -50,6 +53,18 @@ run() {  # run NAME SECONDS COMMAND...
 bench="python3 -m efficientsam_jax.train.benchmark"
 for part in $parts; do
   case $part in
+    mlp)  # the default tiling (128/128/64/8/3) first
+      run mlp 110 $bench mlp --implementations xla,pallas --steps 20 --repeats 3 \
+        --tilings "128/128/64/8/3;128/128/64/8/4;64/256/64/8/3;64/128/64/4/3;128/64/64/4/4" --json "$out/mlp.json" ;;
+    sami_pallas)  # the Pallas attention (the default tiling: the fourteenth session's 30.93 ms on an H200), with its
+      # backward split in two kernels, and with the Pallas MLP too
+      run sami_pallas 270 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
+        --kernels "attention=pallas,layer_norm=one_pass;attention=pallas,layer_norm=one_pass,tiling=64/4/16/4/4/32;\
+attention=pallas,layer_norm=one_pass,mlp=pallas" --json "$out/sami_pallas.json" ;;
+    sami_512)  # batch 512 per device (the recipe's 4096 on 8 GPUs), never timed: the per-step kernels that do not
+      # grow with the batch (optimizer, gradient norm) and each kernel's start and tail weigh half as much
+      run sami_512 140 $bench sami --variants s --batch-per-device 512 --steps 10 --repeats 2 \
+        --kernels "attention=pallas,layer_norm=one_pass,mlp=pallas" --json "$out/sami_512.json" ;;
     attention)  # the default tiling (64,4,32,8,4) first, then the backward split in two kernels (block_k_backward)
       run attention 120 $bench attention --implementations cudnn,xla,pallas --steps 20 --repeats 3 \
         --tilings "64,4,32,8,4;64,4,16,4,4,32;64,4,16,2,4,16;64,4,16,4,1,32;64,4,16,4,4,64;64,4,32,4,4,64;\
@@ -57,10 +72,6 @@ for part in $parts; do
         --json "$out/attention.json"
       run attention 60 $bench attention --implementations cudnn,pallas --queries 50 --keys 50 --heads 6 \
         --head-dim 64 --steps 20 --repeats 3 --tilings "64,4,32,8,4;32,4,32,8,4" --json "$out/attention_encoder.json" ;;
-    sami_pallas)  # cuDNN's attention, the Pallas kernels with the default tiling, and with the backward split
-      run sami_pallas 320 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
-        --kernels "attention=cudnn,layer_norm=one_pass;attention=pallas,layer_norm=one_pass;\
-attention=pallas,layer_norm=one_pass,tiling=64/4/16/4/4/32" --json "$out/sami_pallas.json" ;;
     attention_ncu)  # what bounds each attention kernel: Nsight Compute's throughputs against the chip's peaks,
       # occupancy, and where the warps stall (each kernel replayed per section; the fp32 reference is not profiled).
       # Without preallocation: ncu saves and restores the device memory a replayed kernel could write, and XLA's

@@ -112,6 +112,27 @@ ENTRY %main (q: bf16[2,6,4,8], k: bf16[2,10,4,8], v: bf16[2,10,4,8], o: bf16[2,6
   assert (other.kind, other.flops) == ("pallas", 0.0)
 
 
+def test_pallas_gelu_mlp_kernels_counted_as_gemms():
+  """The ``gelu_mlp`` kernels are GEMMs of 2·M·K·N FLOPs: the forward's x [2, 6, 16] times W1 [16, 64] (writing h
+  and GELU(h)), the backward's dy [2, 6, 16] times W2 [64, 16] transposed (writing dh and the bias shares)."""
+  module = """HloModule jit_grad
+
+ENTRY %main (x: bf16[2,6,16], w1: bf16[16,64], b1: bf16[64], w2: bf16[64,16], h: bf16[2,6,64]) -> bf16[2,6,64] {
+  %x = bf16[2,6,16]{2,1,0} parameter(0)
+  %w1 = bf16[16,64]{1,0} parameter(1)
+  %b1 = bf16[64]{0} parameter(2)
+  %w2 = bf16[64,16]{1,0} parameter(3)
+  %h = bf16[2,6,64]{2,1,0} parameter(4)
+  %fwd = (bf16[12,64]{1,0}, bf16[12,64]{1,0}) custom-call(%x, %w1, %b1), custom_call_target="__gpu$xla.gpu.triton", backend_config={ir = "ML", name = "gelu_mlp_forward", num_stages = 3 : i32, num_warps = 8 : i32}
+  ROOT %bwd = (bf16[12,64]{1,0}, f32[1,64]{1,0}) custom-call(%x, %w2, %h), custom_call_target="__gpu$xla.gpu.triton", backend_config={ir = "ML", name = "gelu_mlp_backward", num_stages = 3 : i32, num_warps = 8 : i32}
+}
+"""
+  forward, backward = hlo_kernels.kernels(module)
+  assert (forward.kind, forward.flops) == ("gemm", 2 * 12 * 16 * 64)
+  assert (backward.kind, backward.flops) == ("gemm", 2 * 12 * 16 * 64)
+  assert forward.written == 2 * 12 * 64 * 2 and backward.written == 12 * 64 * 2 + 64 * 4
+
+
 def test_kernels_of_a_cpu_compile_count_the_matmul():
   """A real compiled module (this CPU's): the matmul's FLOPs exactly, and results written at least once."""
   f = jax.jit(lambda x, w: jnp.tanh(x @ w) * 2.0)

@@ -58,11 +58,12 @@ def test_data_fsdp_mesh_matches_one_device():
   assert any("fsdp" in getattr(m.sharding, "spec", ()) for m in moments)
 
 
-def test_pallas_attention_on_the_mesh_gives_the_xla_losses():
-  """The Pallas attention kernels (interpret mode here) in the data × FSDP step, split over the mesh with the
-  batch: the losses of the one-device step with XLA's attention."""
+@pytest.mark.parametrize("kernels", [Kernels(attention="pallas"), Kernels(attention="pallas", mlp="pallas")])
+def test_pallas_kernels_on_the_mesh_give_the_xla_losses(kernels):
+  """The Pallas attention kernels, and the MLP's (interpret mode here), in the data × FSDP step, split over the
+  mesh with the batch: the losses of the one-device step with XLA's attention and MLP."""
   _, xla = _run(sharding.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1]))
-  _, pallas = _run(sharding.make_mesh({"data": 2, "fsdp": 4}), kernels=Kernels(attention="pallas"))
+  _, pallas = _run(sharding.make_mesh({"data": 2, "fsdp": 4}), kernels=kernels)
   np.testing.assert_allclose(pallas, xla, rtol=2e-5)
 
 

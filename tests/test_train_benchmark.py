@@ -10,6 +10,7 @@ import pytest
 
 from efficientsam_jax.models.layers import Kernels
 from efficientsam_jax.models.sami import SamiConfig, SamiModel
+from efficientsam_jax.models.gelu_mlp import MatmulTiling
 from efficientsam_jax.models.short_attention import Tiling
 from efficientsam_jax.train import benchmark
 from efficientsam_jax.train.benchmark import (compiled_cost, parse_kernels, parse_remat, peak_tflops,
@@ -77,7 +78,8 @@ def test_op_kinds_of_gpu_op_names():
            "loop_multiply_fusion_7": "elementwise fusion", "input_reduce_fusion_182": "reduction fusion",
            "input_add_reduce_fusion_14": "reduction fusion", "input_transpose_fusion": "copy/transpose",
            "wrapped_transpose": "copy/transpose", "fusion_2274": "other fusion", "all-reduce-start": "collective",
-           "cuStreamSynchronize": "other", "short_attention_backward": "attention", "pallas_call.7": "pallas"}
+           "cuStreamSynchronize": "other", "short_attention_backward": "attention", "pallas_call.7": "pallas",
+           "gelu_mlp_forward": "matmul"}
   assert {name: op_kind(name) for name in names} == names
 
 
@@ -94,6 +96,28 @@ def test_attention_benchmark_rows_check_each_implementation_against_fp32(tmp_pat
                          "--dtype", "float32", "--steps", "1", "--repeats", "1", "--json", str(out)]) == 0
   rows = json.loads(out.read_text())["rows"]
   assert [(row["implementation"], row["tiling"] and row["tiling"]["block_q"]) for row in rows] == [
+      ("xla", None), ("pallas", 16), ("pallas", 32)]
+  for row in rows:
+    assert row["forward_relative_error"] < 1e-5 and row["train_relative_error"] < 1e-5, row
+    assert row["forward_ms"] > 0 and row["train_ms"] > 0
+
+
+def test_mlp_benchmark_rows_check_each_implementation_against_fp32(tmp_path):
+  """``mlp``: one row for the XLA MLP and one per tiling of the Pallas kernels (interpret mode here), each with its
+  error against the fp32 XLA MLP: small, and each part timed."""
+  assert benchmark.parse_matmul_tilings("128/128/64/8/3;16,32,16,4,1") == [MatmulTiling(),
+                                                                          MatmulTiling(16, 32, 16, 4, 1)]
+  for bad in ("128/128", "96/128/64/8/3"):
+    with pytest.raises(argparse.ArgumentTypeError, match="tilings"):
+      benchmark.parse_matmul_tilings(bad)
+  with pytest.raises(argparse.ArgumentTypeError, match="xla and pallas"):
+    benchmark.parse_mlp_implementations("xla,cudnn")
+  out = tmp_path / "rows.json"
+  assert benchmark.main(["mlp", "--batch", "2", "--tokens", "19", "--width", "32", "--hidden", "64", "--tilings",
+                         "16/32/16/4/1;32/64/32/4/2", "--gelu", "tanh", "--dtype", "float32", "--steps", "1",
+                         "--repeats", "1", "--json", str(out)]) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert [(row["implementation"], row["tiling"] and row["tiling"]["block_m"]) for row in rows] == [
       ("xla", None), ("pallas", 16), ("pallas", 32)]
   for row in rows:
     assert row["forward_relative_error"] < 1e-5 and row["train_relative_error"] < 1e-5, row

@@ -241,7 +241,7 @@ def layer_norm(eps: float, name: str, dtype: Dtype = jnp.float32, one_pass: bool
   return LayerNorm(epsilon=eps, one_pass=one_pass, dtype=dtype, lean=lean, name=name)
 
 
-def _gelu_derivative(x: jax.Array, approximate: bool) -> jax.Array:
+def gelu_derivative(x: jax.Array, approximate: bool) -> jax.Array:
   if approximate:  # d/dx of x·(1 + tanh(u))/2, u = √(2/π)·(x + 0.044715·x³)
     c = math.sqrt(2.0 / math.pi)
     t = jnp.tanh(c * (x + 0.044715 * x ** 3))
@@ -270,7 +270,7 @@ def lean_gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
 
 def _lean_gelu_bwd(approximate, x, grad):
   wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  return ((grad.astype(wide.dtype) * _gelu_derivative(wide, approximate)).astype(x.dtype),)
+  return ((grad.astype(wide.dtype) * gelu_derivative(wide, approximate)).astype(x.dtype),)
 
 
 lean_gelu.defvjp(lambda x, approximate: (lean_gelu(x, approximate), x), _lean_gelu_bwd)
@@ -289,6 +289,9 @@ class Kernels:
   tiling: the Pallas attention's blocks and warps, "" for the default or its numbers joined by "/"
   (``short_attention.Tiling.parse``, e.g. "64/4/16/4/4/32"): the fastest blocks differ between GPUs and shapes
   (``launch/benchmark_gpu.sh``'s attention part times some). Same values; the gradients differ by rounding.
+  mlp: the transformer MLP (``vit.Mlp``) as "xla" (two Dense layers and the GELU between them) or "pallas" (the
+  GELU inside the matmuls' kernels: ``gelu_mlp``; its own backward, whatever ``backward`` says). Same parameters;
+  the values differ by rounding.
   The defaults compute exactly what the official PyTorch modules do.
   """
 
@@ -297,10 +300,11 @@ class Kernels:
   gelu: str = "exact"
   backward: str = "lean"
   tiling: str = ""
+  mlp: str = "xla"
 
   def __post_init__(self):
     for field, allowed in (("attention", ATTENTION_IMPLEMENTATIONS), ("layer_norm", ("two_pass", "one_pass")),
-                           ("gelu", ("exact", "tanh")), ("backward", ("lean", "autodiff"))):
+                           ("gelu", ("exact", "tanh")), ("backward", ("lean", "autodiff")), ("mlp", ("xla", "pallas"))):
       if getattr(self, field) not in allowed:
         raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
     Tiling.parse(self.tiling)  # refused here, not at the first attention

@@ -118,7 +118,7 @@ def _rows(ref, valid: jax.Array, bias: "jax.Array | None" = None) -> jax.Array:
   return rows if bias is None else (rows.astype(jnp.float32) + bias.astype(jnp.float32)[None, :]).astype(rows.dtype)
 
 
-def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+def dot_f32(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
   """a·b contracting a's axis ``contract[0]`` with b's ``contract[1]``, accumulated in fp32."""
   return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32)
 
@@ -127,7 +127,7 @@ def _logits(q_ref, k_ref, q_bias: jax.Array, query_valid: jax.Array, key_valid: 
             num_keys: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One head's q (its bias added), k, and logits q·kᵀ·H^-½ [queries, key tile], −inf where a key does not count."""
   q, k = _rows(q_ref, query_valid, q_bias), _rows(k_ref, key_valid)
-  logits = _dot(q, k, (1, 1)) * (q.shape[-1] ** -0.5)
+  logits = dot_f32(q, k, (1, 1)) * (q.shape[-1] ** -0.5)
   return q, k, jnp.where((jnp.arange(k.shape[0]) < num_keys)[None, :], logits, -jnp.inf)
 
 
@@ -162,7 +162,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_bias_ref, v_bias_ref, out_ref, lse_re
     peak = jnp.max(logits, axis=1)
     p = jnp.exp(logits - peak[:, None])
     total = jnp.sum(p, axis=1)
-    out = _dot(p.astype(v.dtype), v, (1, 0)) / total[:, None] + v_bias_ref[n, :].astype(jnp.float32)[None, :]
+    out = dot_f32(p.astype(v.dtype), v, (1, 0)) / total[:, None] + v_bias_ref[n, :].astype(jnp.float32)[None, :]
     plt.store(out_ref.at[:, n, :], out.astype(out_ref.dtype), mask=query_valid[:, None])
     lse_ref[n, :] = peak + jnp.log(total)
     return carry
@@ -183,8 +183,8 @@ def _query_kernel(q_ref, k_ref, v_ref, q_bias_ref, v_bias_ref, out_ref, dout_ref
     lse = plt.load(lse_ref.at[n, :], mask=query_valid, other=jnp.inf)  # p = 0 on rows past the end
     p = jnp.exp(logits - lse[:, None])
     delta = _delta(out_ref.at[:, n, :], dout, query_valid, v_bias_ref[n, :])
-    dlogits = (p * (_dot(dout, v, (1, 1)) - delta[:, None])).astype(q.dtype)
-    dq = _dot(dlogits, k, (1, 0)) * (q.shape[-1] ** -0.5)
+    dlogits = (p * (dot_f32(dout, v, (1, 1)) - delta[:, None])).astype(q.dtype)
+    dq = dot_f32(dlogits, k, (1, 0)) * (q.shape[-1] ** -0.5)
     plt.store(dq_ref.at[:, n, :], dq.astype(dq_ref.dtype), mask=query_valid[:, None])
     delta_ref[n, :] = delta
     dq_sum_ref[n, :] = jnp.sum(dq, axis=0)  # rows past the end are zeros
@@ -222,13 +222,13 @@ def _backward_kernel(q_ref, k_ref, v_ref, q_bias_ref, dout_ref, lse_ref, delta, 
     valid = start + jnp.arange(block_q) < queries
     q, dout = _rows(q_ref.at[rows, :], valid, q_bias), _rows(dout_ref.at[rows, :], valid)
     lse = plt.load(lse_ref.at[rows], mask=valid, other=jnp.inf)  # p = 0 on rows past the end
-    p_t = jnp.where(counted, jnp.exp(_dot(k, q, (1, 1)) * scale - lse[None, :]), 0.0)  # pᵀ [keys, queries]
-    dv = dv + _dot(p_t.astype(dout.dtype), dout, (1, 0))
-    dlogits_t = (p_t * (_dot(v, dout, (1, 1)) - delta(rows, valid, dout)[None, :])).astype(q.dtype)
-    dk = dk + _dot(dlogits_t, q, (1, 0))
+    p_t = jnp.where(counted, jnp.exp(dot_f32(k, q, (1, 1)) * scale - lse[None, :]), 0.0)  # pᵀ [keys, queries]
+    dv = dv + dot_f32(p_t.astype(dout.dtype), dout, (1, 0))
+    dlogits_t = (p_t * (dot_f32(v, dout, (1, 1)) - delta(rows, valid, dout)[None, :])).astype(q.dtype)
+    dk = dk + dot_f32(dlogits_t, q, (1, 0))
     if dq_ref is None:
       return dk, dv, dq_sum
-    dq = _dot(dlogits_t, k, (0, 0)) * scale
+    dq = dot_f32(dlogits_t, k, (0, 0)) * scale
     _store(dq_ref, dq, valid, rows)
     return dk, dv, dq_sum + jnp.sum(dq, axis=0)  # rows past the end are zeros
 
@@ -242,7 +242,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, q_bias_ref, dout_ref, lse_ref, delta, 
     dbias_ref[jnp.int32(slot), :] = total
 
 
-def _per_platform(fn):
+def per_platform(fn):
   """``fn(*args, interpret=False)`` where the program is lowered for CUDA, ``interpret=True`` elsewhere."""
   return lambda *args: jax.lax.platform_dependent(*args, cuda=functools.partial(fn, interpret=False),
                                                   default=functools.partial(fn, interpret=True))
@@ -384,8 +384,8 @@ def _kernel(kind: str, num_keys: int, tiling: Tiling, packing: str):
   """The "forward" or "backward" kernel, partitioned over examples and heads: under a mesh each device runs it on
   its own examples and heads, with no collectives (a Pallas call alone would be given every example: XLA
   cannot see into it, so it gathers its operands). ``packing``: how q, k and v come (``_OPERANDS``)."""
-  run = _per_platform(functools.partial(_forward if kind == "forward" else _backward, num_keys=num_keys,
-                                        tiling=tiling))
+  run = per_platform(functools.partial(_forward if kind == "forward" else _backward, num_keys=num_keys,
+                                       tiling=tiling))
   if kind == "forward":
     inputs, outputs = _OPERANDS[packing] + ", n h, n h", "b q n h, b n l"
   else:

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from efficientsam_jax.models.gelu_mlp import gelu_mlp
 from efficientsam_jax.models.layers import DenseParams, Kernels, layer_norm, pad_tokens, remat
 from efficientsam_jax.models.resize import resize
 
@@ -70,6 +71,10 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
+    if self.kernels.mlp == "pallas":  # the same parameters, the GELU inside the matmuls' kernels
+      (w1, b1), (w2, b2) = DenseParams(self.hidden_dim, name="fc1")(width), DenseParams(width, name="fc2")(
+          self.hidden_dim)
+      return gelu_mlp(x.astype(self.dtype), w1, b1, w2, b2, self.kernels.gelu == "tanh")
     x = self.kernels.act(nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x))
     return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
 

@@ -5,6 +5,7 @@
     python -m efficientsam_jax.train.benchmark teacher --modes upsample,native --batch-per-device 16
     python -m efficientsam_jax.train.benchmark sami-input --records 2048 --batch 256
     python -m efficientsam_jax.train.benchmark attention --implementations cudnn,pallas --tilings "64,4,16,8;32,4,16,8"
+    python -m efficientsam_jax.train.benchmark mlp --tilings "128/128/64/8/3;128/256/64/8/3"
 
 ``sami``: the real jitted SAMI train step (student + cross-attention decoder +
 AdamW) on random inputs already on the devices, per student size; prints
@@ -43,6 +44,13 @@ ops that took the most time, with the JAX operation that made each.
 implementation: "xla", "cudnn", "pallas" (``models/short_attention.py``; ``--tilings`` compares its block
 sizes and warps); ms, TFLOP/s and the largest error against fp32 XLA attention of the same inputs.
 
+``mlp``: the transformer MLP (fc1, GELU, fc2) alone, forward and forward + backward, at the SAMI decoder's shape
+(256 × 147 tokens, 512 wide, hidden 2048; ``--tokens``, ``--width``, ... for others) as "xla" (``vit.Mlp``'s two
+Dense layers and the GELU) and "pallas" (``models/gelu_mlp.py``, the GELU inside the matmuls' kernels;
+``--tilings`` compares block sizes, warps and pipeline stages); ms, TFLOP/s and the largest error against the XLA
+MLP in fp32. With ``--gpu-spec`` (``attention`` too): compiled for that GPU, kernel count, GB, and the Pallas
+kernels' registers and spills.
+
 ``sami-input``: the SAMI grain pipeline on this host (TFRecord read, JPEG
 decode, batching) over shards of real photographs' views: samples/s.
 """
@@ -55,6 +63,7 @@ import dataclasses
 import functools
 import io
 import json
+import math
 import os
 import re
 import statistics
@@ -67,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import print_saved_residuals
 
+from efficientsam_jax.models.gelu_mlp import MatmulTiling, gelu_mlp, xla_mlp
 from efficientsam_jax.models.layers import REMAT_POLICIES, Kernels, attention, attention_device, remat_policy
 from efficientsam_jax.models.short_attention import Tiling, short_attention
 from efficientsam_jax.train import hlo_kernels
@@ -214,7 +224,7 @@ def time_steps(run_step, steps: int, repeats: int) -> float:
 OP_KINDS = (("collective", ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "nccl")),
             ("attention", ("fmha", "flash", "sdpa", "short_attention")),
             ("pallas", ("pallas_call",)),  # an HLO op of a Pallas kernel (the SAMI step's: short_attention's)
-            ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "convolution", "dot")),
+            ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "convolution", "dot", "gelu_mlp")),
             ("copy/transpose", ("transpose", "copy", "memcpy", "memset")),
             ("reduction fusion", ("input_", "reduce")),
             ("elementwise fusion", ("loop_",)),
@@ -318,7 +328,7 @@ def each_setting(settings: Sequence[dict], measure) -> list[dict]:
       figures = measure(**setting)
     except Exception as e:  # pylint: disable=broad-except
       figures = {"error": f"{type(e).__name__}: {e}"[:400]}
-    row = {key: dataclasses.asdict(value) if isinstance(value, (Kernels, Tiling)) else value
+    row = {key: dataclasses.asdict(value) if isinstance(value, (Kernels, Tiling, MatmulTiling)) else value
            for key, value in setting.items()}
     rows.append({**row, **figures})
     print(json.dumps(rows[-1]), flush=True)
@@ -576,57 +586,114 @@ def parse_tilings(text: str) -> list[Tiling]:
     raise argparse.ArgumentTypeError(f"tilings {text!r}: {e}") from e
 
 
-def bench_attention(args) -> list[dict]:
-  """``attention`` (module docstring): each implementation (pallas: × tiling) on the same random inputs; with
-  ``--gpu-spec``, compiled for that GPU instead: kernel count and GB, and the Pallas kernels' registers and
-  spills per thread (``hlo_kernels.triton_kernel_resources``)."""
-  shape = lambda tokens: (args.batch, tokens, args.heads, args.head_dim)
-  tokens = (args.queries, args.keys, args.keys, args.queries)  # q, k, v and the output's cotangent
+def _kernel_inputs(args, shapes: Sequence[tuple]) -> list:
+  """Arrays of these shapes in ``args.dtype``: random, or with ``--gpu-spec`` placeholders on the described GPU."""
   dtype = jnp.dtype(args.dtype)
   if args.gpu_spec:
     sharding = jax.sharding.SingleDeviceSharding(hlo_kernels.gpu_devices(args.gpu_spec)[0])
-    inputs = [jax.ShapeDtypeStruct(shape(t), dtype, sharding=sharding) for t in tokens]
-  else:
-    inputs = [jax.random.normal(key, shape(t), dtype) for key, t in zip(jax.random.split(jax.random.PRNGKey(0), 4),
-                                                                          tokens)]
-  forward_flops = 4.0 * args.batch * args.heads * args.queries * args.keys * args.head_dim
+    return [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for shape in shapes]
+  keys = jax.random.split(jax.random.PRNGKey(0), len(shapes))
+  return [jax.random.normal(key, shape, dtype) for key, shape in zip(keys, shapes)]
 
-  def train_fn(fn):  # the gradients of Σ out·cotangent: what a training step's backward pass computes
-    return jax.jit(jax.grad(lambda q, k, v, d: jnp.sum(fn(q, k, v).astype(jnp.float32) * d), (0, 1, 2)))
 
-  def parts(fn):  # (name, jitted function, its inputs, model FLOPs)
-    return (("forward", jax.jit(fn), inputs[:3], forward_flops),
-            ("train", train_fn(fn), inputs, 3.5 * forward_flops))
+def _forward_and_train(fn, inputs: list, forward_flops: float, train_flops: float) -> tuple:
+  """(name, jitted function, its inputs, model FLOPs) of ``fn(*inputs[:-1])`` ("forward") and of the gradients of
+  Σ fn(...)·inputs[-1] in every input but the last ("train": what a training step's backward pass computes)."""
+  n = len(inputs) - 1
+  train = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a[:n]).astype(jnp.float32) * a[n]), tuple(range(n))))
+  return ("forward", jax.jit(fn), inputs[:n], forward_flops), ("train", train, inputs, train_flops)
 
-  if not args.gpu_spec:
-    wide = [t.astype(jnp.float32) for t in inputs]
-    reference = {name: run(*wide[:len(arrays)])
-                 for name, run, arrays, _ in parts(functools.partial(attention, implementation="xla"))}
 
-  def measure(implementation: str, tiling: Optional[Tiling]) -> dict:
-    fn = (functools.partial(short_attention, tiling=tiling) if implementation == "pallas"
-          else functools.partial(attention, implementation=implementation))
-    row = {}
-    for name, run, arrays, flops in parts(fn):
-      if args.gpu_spec:
-        compiled, registers = hlo_kernels.triton_kernel_resources(run.lower(*arrays), prefix="short_attention")
-        program = hlo_kernels.kernels(compiled.as_text())
-        row.update({f"{name}_kernels": len(program), f"{name}_gb": round(sum(k.bytes for k in program) / 1e9, 3),
-                    **({f"{name}_ptxas": registers} if registers else {})})
-        continue
-      got = run(*arrays)
-      error = max(float(jnp.abs(a.astype(jnp.float32) - b).max() / jnp.abs(b).max())
-                  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(reference[name])))
-      seconds = time_steps(lambda: run(*arrays), args.steps, args.repeats)  # pylint: disable=cell-var-from-loop
-      row.update({f"{name}_ms": round(1e3 * seconds, 3), f"{name}_tflops": round(flops / seconds / 1e12, 1),
-                  f"{name}_relative_error": float(f"{error:.2g}")})
-    return row
+def _measure_parts(args, parts, reference: Optional[dict], prefix: str) -> dict:
+  """Each part (``_forward_and_train``): ms, TFLOP/s and the largest difference from ``reference``'s outputs (by
+  part) over their largest value; with ``--gpu-spec``, compiled for that GPU instead: kernel count and GB, and the
+  registers and spills per thread of the Pallas kernels whose names start with ``prefix``
+  (``hlo_kernels.triton_kernel_resources``)."""
+  row = {}
+  for name, run, arrays, flops in parts:
+    if args.gpu_spec:
+      compiled, registers = hlo_kernels.triton_kernel_resources(run.lower(*arrays), prefix=prefix)
+      program = hlo_kernels.kernels(compiled.as_text())
+      row.update({f"{name}_kernels": len(program), f"{name}_gb": round(sum(k.bytes for k in program) / 1e9, 3),
+                  **({f"{name}_ptxas": registers} if registers else {})})
+      continue
+    got = run(*arrays)
+    error = max(float(jnp.abs(a.astype(jnp.float32) - b).max() / jnp.abs(b).max())
+                for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(reference[name])))
+    seconds = time_steps(lambda: run(*arrays), args.steps, args.repeats)  # pylint: disable=cell-var-from-loop
+    row.update({f"{name}_ms": round(1e3 * seconds, 3), f"{name}_tflops": round(flops / seconds / 1e12, 1),
+                f"{name}_relative_error": float(f"{error:.2g}")})
+  return row
+
+
+def _fp32_reference(args, parts) -> Optional[dict]:
+  """Each part's outputs on its inputs in fp32 (None with ``--gpu-spec``: nothing runs)."""
+  if args.gpu_spec:
+    return None
+  return {name: run(*[a.astype(jnp.float32) for a in arrays]) for name, run, arrays, _ in parts}
+
+
+def parse_mlp_implementations(text: str) -> list[str]:
+  """``"xla,pallas"`` → ["xla", "pallas"] (the MLP has no other)."""
+  names = text.split(",")
+  if not set(names) <= {"xla", "pallas"}:
+    raise argparse.ArgumentTypeError(f"MLP implementations are xla and pallas, got {text!r}")
+  return names
+
+
+def parse_matmul_tilings(text: str) -> list[MatmulTiling]:
+  """``"128/128/64/8/3;64/128/64/4/4"`` → MatmulTilings: block_m, block_n, block_k, warps, stages each."""
+  try:
+    values = [[int(v) for v in re.split(r"[/,]", item)] for item in text.split(";")]
+    if any(len(v) != 5 for v in values):
+      raise ValueError("5 numbers each")
+    return [MatmulTiling(*v) for v in values]
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f"tilings {text!r}: {e}") from e
+
+
+def _implementations_side_by_side(args, parts, other, pallas, prefix: str, header: str) -> list[dict]:
+  """A row per ``args.implementations``, "pallas" once per ``args.tilings`` (``pallas(tiling)``), any other
+  ``other(implementation)``, each measured by ``_measure_parts`` against ``other("xla")`` in fp32; ``parts(fn)``:
+  ``_forward_and_train``'s parts of fn. ``header`` is printed first."""
+  reference = _fp32_reference(args, parts(other("xla")))
+
+  def measure(implementation: str, tiling) -> dict:
+    fn = pallas(tiling) if implementation == "pallas" else other(implementation)
+    return _measure_parts(args, parts(fn), reference, prefix)
 
   settings = [{"implementation": i, "tiling": t if i == "pallas" else None}
               for i in args.implementations for t in (args.tilings if i == "pallas" else [None])]
-  print(f"attention: q {shape(args.queries)}, k and v {shape(args.keys)}, {args.dtype}; train = forward + the "
-        f"gradients of q, k, v; TFLOP/s of 4·B·N·Tq·Tk·H forward, 3.5 times that for train", flush=True)
+  print(header, flush=True)
   return each_setting(settings, measure)
+
+
+def bench_attention(args) -> list[dict]:
+  """``attention`` (module docstring): each implementation (pallas: × tiling) on the same random inputs."""
+  shape = lambda tokens: (args.batch, tokens, args.heads, args.head_dim)
+  inputs = _kernel_inputs(args, [shape(t) for t in (args.queries, args.keys, args.keys, args.queries)])
+  forward_flops = 4.0 * args.batch * args.heads * args.queries * args.keys * args.head_dim
+  return _implementations_side_by_side(
+      args, lambda fn: _forward_and_train(fn, inputs, forward_flops, 3.5 * forward_flops),
+      lambda implementation: functools.partial(attention, implementation=implementation),
+      lambda tiling: functools.partial(short_attention, tiling=tiling), "short_attention",
+      f"attention: q {shape(args.queries)}, k and v {shape(args.keys)}, {args.dtype}; train = forward + the "
+      f"gradients of q, k, v; TFLOP/s of 4·B·N·Tq·Tk·H forward, 3.5 times that for train")
+
+
+def bench_mlp(args) -> list[dict]:
+  """``mlp`` (module docstring): the XLA MLP and the Pallas one (× tiling) on the same random inputs."""
+  rows, width, hidden = (args.batch, args.tokens), args.width, args.hidden
+  inputs = _kernel_inputs(args, [(*rows, width), (width, hidden), (hidden,), (hidden, width), (width,),
+                                 (*rows, width)])
+  forward_flops = 4.0 * math.prod(rows) * width * hidden
+  approximate = args.gelu == "tanh"
+  return _implementations_side_by_side(
+      args, lambda fn: _forward_and_train(fn, inputs, forward_flops, 3.0 * forward_flops),
+      lambda implementation: functools.partial(xla_mlp, approximate=approximate),
+      lambda tiling: functools.partial(gelu_mlp, approximate=approximate, tiling=tiling), "gelu_mlp",
+      f"mlp: x {(*rows, width)}, hidden {hidden}, {args.gelu} GELU, {args.dtype}; train = forward + the gradients "
+      f"of x and the four parameters; TFLOP/s of 4·rows·C·F forward, 3 times that for train")
 
 
 def _parse_args(argv):
@@ -687,6 +754,19 @@ def _parse_args(argv):
   attend.add_argument("--dtype", default="bfloat16")
   attend.add_argument("--gpu-spec", default="", choices=["", *hlo_kernels.GPU_TARGETS],
                       help=GPU_SPEC_HELP + "; the Pallas kernels' registers and spills (ptxas)")
+  mlp = sub.add_parser("mlp", parents=[common])
+  mlp.add_argument("--implementations", type=parse_mlp_implementations, default=["xla", "pallas"],
+                   help="xla and/or pallas, ','-separated")
+  mlp.add_argument("--tilings", type=parse_matmul_tilings, default=[MatmulTiling()],
+                   help="pallas: block_m/block_n/block_k/warps/stages sets separated by ';'")
+  mlp.add_argument("--batch", type=int, default=256)
+  mlp.add_argument("--tokens", type=int, default=147)
+  mlp.add_argument("--width", type=int, default=512)
+  mlp.add_argument("--hidden", type=int, default=2048)
+  mlp.add_argument("--gelu", default="exact", choices=["exact", "tanh"])
+  mlp.add_argument("--dtype", default="bfloat16")
+  mlp.add_argument("--gpu-spec", default="", choices=["", *hlo_kernels.GPU_TARGETS],
+                   help=GPU_SPEC_HELP + "; the Pallas kernels' registers and spills (ptxas)")
   data = sub.add_parser("sami-input", parents=[common])
   data.add_argument("--records", type=int, default=2048)
   data.add_argument("--shards", type=int, default=8)
@@ -700,7 +780,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parse_args(argv)
   print(f"devices: {_describe(args)}", flush=True)
   rows = {"sami": bench_sami, "finetune": bench_finetune, "teacher": bench_teacher,
-          "sami-input": bench_sami_input, "attention": bench_attention}[args.what](args)
+          "sami-input": bench_sami_input, "attention": bench_attention, "mlp": bench_mlp}[args.what](args)
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"devices": _describe(args), "what": args.what, "rows": rows}, f, indent=1)

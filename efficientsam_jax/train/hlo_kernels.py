@@ -7,10 +7,11 @@ custom calls, copies, collectives; ``while`` bodies times their known trip count
 its operands and results as whole arrays (an upper bound for a fusion that reads part of an operand; a
 cuBLAS call's workspace result left out) and its matmul FLOPs (2·m·n·k of each dot, in a fusion too;
 cuDNN attention and the Pallas ``short_attention`` kernels: their q·kᵀ and p·v products, forward
-4·B·N·T·S·H, backward 2.5 times that with the recomputed logits; other Pallas kernels: kind "pallas", no
-FLOPs). ``roofline_seconds`` sums each kernel's floor, the larger of its bytes over the memory bandwidth and
-its FLOPs over the matmul peak: the time the program would take if every kernel ran at the chip's limit, a
-floor that real kernels (launch gaps, small grids, transposes) stay above.
+4·B·N·T·S·H, backward 2.5 times that with the recomputed logits; the Pallas ``gelu_mlp`` kernels: kind "gemm",
+their matmul; other Pallas kernels: kind "pallas", no FLOPs). ``roofline_seconds`` sums each kernel's floor, the
+larger of its bytes over the memory bandwidth and its FLOPs over the matmul peak: the time the program would take
+if every kernel ran at the chip's limit, a floor that real kernels (launch gaps, small grids, transposes) stay
+above.
 
 ``gpu_devices("h100")`` are the devices of a GPU that is not there (jax's deviceless compile: it needs
 ``pip install "jax[cuda12]==<jax's version>"``, no driver or GPU), so a train step can be compiled for an
@@ -264,6 +265,14 @@ def _attention_flops(instruction: Instruction, shapes: dict[str, str], target: s
   return 4.0 * b * n * t * s * h * (2.5 if "backward" in target.lower() else 1.0)
 
 
+def _matmul_kernel_flops(instruction: Instruction, shapes: dict[str, str]) -> float:
+  """The ``gelu_mlp`` kernels' matmul: a [M, K] operand times a weight of K·N elements ([K, N] or [N, K])."""
+  a, w = (arrays(shapes.get(name, "")) for name in instruction.operands[:2])
+  if not a or not w:
+    return 0.0
+  return 2.0 * math.prod(a[0][1]) * math.prod(w[0][1]) / a[0][1][-1]
+
+
 def _flops(instruction: Instruction, computations, shapes: dict[str, str]) -> float:
   """Matmul FLOPs of an instruction; ``shapes``: every instruction's shape, by name (unique in an HLO module)."""
   if instruction.opcode == "dot":
@@ -276,6 +285,8 @@ def _flops(instruction: Instruction, computations, shapes: dict[str, str]) -> fl
       return _attention_flops(instruction, shapes, target)
     if _pallas_name(instruction).startswith("short_attention"):
       return _attention_flops(instruction, shapes, _pallas_name(instruction))
+    if _pallas_name(instruction).startswith("gelu_mlp"):
+      return _matmul_kernel_flops(instruction, shapes)
     return 0.0
   called = re.search(r"calls=%?([\w.\-]+)", instruction.attributes)
   if instruction.opcode == "fusion" and called and called.group(1) in computations:
@@ -296,7 +307,8 @@ def _pallas_name(instruction: Instruction) -> str:
 
 def _kind(instruction: Instruction) -> str:
   target = _target(instruction)
-  if instruction.opcode == "dot" or "gemm" in target or "matmul" in target:
+  if instruction.opcode == "dot" or "gemm" in target or "matmul" in target or _pallas_name(instruction).startswith(
+      "gelu_mlp"):
     return "gemm"
   if "fmha" in target or _pallas_name(instruction).startswith("short_attention"):
     return "attention"

@@ -33,9 +33,11 @@ def get_sami_config(variant: str, arg=None) -> ml_collections.ConfigDict:
   # the decoder's GELU "exact" or "tanh" (the student encoder keeps the exact GELU it is exported with);
   # backward "lean" (LayerNorm and GELU keep only their inputs for the backward pass: ViT-S 87 → 54 MB of
   # activations per example) or "autodiff"; tiling: the Pallas attention's blocks and warps ("" the default, or
-  # e.g. "64/4/16/4/4/32": short_attention.Tiling.parse), which a GPU other than the H200 may want tuned.
+  # e.g. "64/4/16/4/4/32": short_attention.Tiling.parse), which a GPU other than the H200 may want tuned; mlp "xla"
+  # or "pallas" (the GELU inside the MLP's matmuls, models/gelu_mlp.py: the ViT-S step moves 49.3 GB instead of 54.1
+  # in an H100 compile; not yet timed on a GPU, so not the default).
   config.kernels = ml_collections.ConfigDict({"attention": "auto", "layer_norm": "one_pass", "gelu": "exact",
-                                              "backward": "lean", "tiling": ""})
+                                              "backward": "lean", "tiling": "", "mlp": "xla"})
   config.dtype = "bfloat16"
   config.remat = "none"  # or "full", "dots", "projections": what the blocks keep for the backward (layers.remat)
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
