@@ -76,6 +76,7 @@ def test_kernels_of_a_gpu_module_counted_by_hand():
   assert hlo_kernels.roofline_seconds(program, 1.0, 1e18) == pytest.approx(sum(k.flops for k in program))
   summary = hlo_kernels.summary(program, peak_tflops=1.0, bandwidth_tbps=1e-3)
   assert summary["kernel_count"] == 6 and summary["kernel_tflop"] == round(sum(k.flops for k in program) / 1e12, 3)
+  assert summary["tiny_kernels"] == 3  # at 1 GB/s: the loop's three trips of 224 bytes, under 2 µs each
   assert list(summary["gb_by_kind"]) == ["gemm", "attention", "fusion:kLoop"]  # most bytes first
   groups = hlo_kernels.by_operation(program)
   # block numbers folded, the jit prefix dropped; three loop trips of the same fusion in one group

@@ -386,12 +386,20 @@ def by_operation(program: Iterable[Kernel], top: Optional[int] = None) -> list[d
   return rows[:top] if top else rows
 
 
+# A kernel whose roofline time is under this is "tiny": on a GPU it takes ~2–3 µs whatever its size (its launch and
+# its ramp up and down), so a program's tiny kernels cost time that its roofline does not show.
+TINY_KERNEL_SECONDS = 2e-6
+
+
 def summary(program: list[Kernel], peak_tflops: float, bandwidth_tbps: float) -> dict:
-  """Figures of a program for a benchmark row: kernel count, GB moved, matmul TFLOP, roofline ms, GB by kind."""
+  """Figures of a program for a benchmark row: kernel count, how many are tiny (``TINY_KERNEL_SECONDS``), GB moved,
+  matmul TFLOP, roofline ms, GB by kind."""
   kinds: dict[str, float] = {}
   for k in program:
     kinds[k.kind] = kinds.get(k.kind, 0.0) + k.bytes
-  return {"kernel_count": len(program), "kernel_gb": round(sum(k.bytes for k in program) / 1e9, 2),
+  floor = lambda k: roofline_seconds([k], peak_tflops * 1e12, bandwidth_tbps * 1e12)
+  return {"kernel_count": len(program), "tiny_kernels": sum(floor(k) < TINY_KERNEL_SECONDS for k in program),
+          "kernel_gb": round(sum(k.bytes for k in program) / 1e9, 2),
           "kernel_tflop": round(sum(k.flops for k in program) / 1e12, 3),
           "roofline_ms": round(1e3 * roofline_seconds(program, peak_tflops * 1e12, bandwidth_tbps * 1e12), 2),
           "gb_by_kind": {kind: round(b / 1e9, 2) for kind, b in sorted(kinds.items(), key=lambda kv: -kv[1])}}
