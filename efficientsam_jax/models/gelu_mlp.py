@@ -127,6 +127,12 @@ def _backward_kernel(dy_ref, w_ref, h_ref, dh_ref, share_ref, *, rows: int, bloc
   share_ref[...] = jnp.sum(dh, axis=0)
 
 
+def _tiles(tiling: MatmulTiling) -> pl.BlockSpec:
+  """The BlockSpec of an [M, N] array in the kernels' programs: block_m rows × block_n columns (grid: column block,
+  row block)."""
+  return pl.BlockSpec((tiling.block_m, tiling.block_n), lambda j, i: (i, j))
+
+
 def _call(kernel, a, w, transposed: bool, operands, outputs, tiling: MatmulTiling, interpret: bool, name: str,
           **static):
   """A kernel over a [M, K] and the weight ``w``, [K, N] or (``transposed``) [N, K], one program per block_m rows
@@ -136,13 +142,13 @@ def _call(kernel, a, w, transposed: bool, operands, outputs, tiling: MatmulTilin
   rows, block_m, block_n = a.shape[0], tiling.block_m, tiling.block_n
   out_columns = w.shape[0] if transposed else w.shape[1]
   grid = (out_columns // block_n, pl.cdiv(rows, block_m))
-  tiles = pl.BlockSpec((block_m, block_n), lambda j, i: (i, j))
   weight = (pl.BlockSpec((block_n, w.shape[1]), lambda j, i: (j, 0)) if transposed else
             pl.BlockSpec((w.shape[0], block_n), lambda j, i: (0, j)))
   return pl.pallas_call(
       functools.partial(kernel, rows=rows, block_k=tiling.block_k, **static), grid=grid,
       in_specs=[pl.BlockSpec((block_m, a.shape[1]), lambda j, i: (i, 0)), weight] + [spec for _, spec in operands],
-      out_specs=[tiles if per_row else pl.BlockSpec((None, block_n), lambda j, i: (i, j)) for _, per_row in outputs],
+      out_specs=[_tiles(tiling) if per_row else pl.BlockSpec((None, block_n), lambda j, i: (i, j))
+                 for _, per_row in outputs],
       out_shape=[jax.ShapeDtypeStruct((rows if per_row else grid[1], out_columns), dtype)
                  for dtype, per_row in outputs],
       compiler_params=plt.CompilerParams(num_warps=tiling.warps, num_stages=tiling.stages), interpret=interpret,
@@ -161,8 +167,7 @@ def _backward(dy, w2, h, *, approximate: bool, tiling: MatmulTiling, interpret: 
   """(dh, fc1's bias gradient) — the latter [examples, hidden]: the sum over this call's rows in its first row,
   zeros elsewhere (so that, split over devices as the examples are, the devices' shares add up)."""
   flat, hidden = dy.reshape(-1, dy.shape[-1]), w2.shape[0]
-  tiles = pl.BlockSpec((tiling.block_m, tiling.block_n), lambda j, i: (i, j))
-  dh, shares = _call(_backward_kernel, flat, w2, True, [(h.reshape(-1, hidden), tiles)],
+  dh, shares = _call(_backward_kernel, flat, w2, True, [(h.reshape(-1, hidden), _tiles(tiling))],
                      [(dy.dtype, True), (jnp.float32, False)], tiling, interpret, "gelu_mlp_backward",
                      approximate=approximate)
   bias = jnp.zeros((dy.shape[0], hidden), jnp.float32).at[0].set(shares.sum(0))
