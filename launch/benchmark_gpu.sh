@@ -23,9 +23,9 @@
 # process per part costs ~90 s before its first row on an H200 (start, init, a ~40 s compile), each further row ~60 s;
 # the limits below are sized on that. Most informative first, one call per line (the fourteenth session split the
 # attention's backward in two kernels, the fifteenth put the GELU inside the MLP's matmuls, both untimed): "mlp
-# sami_pallas sami_512" (≤ 8.7 min: the MLP alone, the step with each change, batch 512), "attention attention_ncu"
-# (≤ 6 min), "sami_profile sami" (≤ 6.7 min), "sami_kernels teacher" (≤ 7.8 min), "sami_flags" (≤ 9.2 min),
-# "sami_options" (≤ 6 min), "finetune" (≤ 5 min), then the rest.
+# sami_pallas sami_512" (≤ 9.2 min: the MLP alone; the step with each change, and where it loses time; batch 512),
+# "attention attention_ncu" (≤ 6 min), "sami_profile sami" (≤ 6.7 min), "sami_kernels teacher" (≤ 7.8 min),
+# "sami_flags" (≤ 9.2 min), "sami_options" (≤ 6 min), "finetune" (≤ 5 min), then the rest.
 # sami_profile leaves the step's top ops (top_ops_sami_s.json) and its whole trace (trace_sami_s.json.gz: every
 # kernel with its duration and grid) in OUTDIR.
 # WHEELS_DIR: wheels of packages the machine lacks, installed to /tmp/site first (for machines
@@ -57,10 +57,14 @@ for part in $parts; do
       run mlp 110 $bench mlp --implementations xla,pallas --steps 20 --repeats 3 \
         --tilings "128/128/64/8/3;128/128/64/8/4;64/256/64/8/3;64/128/64/4/3;128/64/64/4/4" --json "$out/mlp.json" ;;
     sami_pallas)  # the Pallas attention (the default tiling: the fourteenth session's 30.93 ms on an H200), with its
-      # backward split in two kernels, and with the Pallas MLP too
-      run sami_pallas 270 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
+      # backward split in two kernels, and with the Pallas MLP too; each row profiled: its kernels' time against their
+      # floors by JAX operation (printed, and against_floor_*.json)
+      run sami_pallas 300 $bench sami --variants s --batch-per-device 256 --steps 10 --repeats 2 \
         --kernels "attention=pallas,layer_norm=one_pass;attention=pallas,layer_norm=one_pass,tiling=64/4/16/4/4/32;\
-attention=pallas,layer_norm=one_pass,mlp=pallas" --json "$out/sami_pallas.json" ;;
+attention=pallas,layer_norm=one_pass,mlp=pallas" --profile /tmp/trace_sami_pallas --json "$out/sami_pallas.json"
+      for table in /tmp/trace_sami_pallas/*/against_floor.json; do
+        [[ -f $table ]] && cp "$table" "$out/against_floor_$(basename "$(dirname "$table")").json"
+      done ;;
     sami_512)  # batch 512 per device (the recipe's 4096 on 8 GPUs), never timed: the per-step kernels that do not
       # grow with the batch (optimizer, gradient norm) and each kernel's start and tail weigh half as much
       run sami_512 140 $bench sami --variants s --batch-per-device 512 --steps 10 --repeats 2 \

@@ -12,7 +12,7 @@ from efficientsam_jax.models.layers import Kernels
 from efficientsam_jax.models.sami import SamiConfig, SamiModel
 from efficientsam_jax.models.gelu_mlp import MatmulTiling
 from efficientsam_jax.models.short_attention import Tiling
-from efficientsam_jax.train import benchmark
+from efficientsam_jax.train import benchmark, hlo_kernels
 from efficientsam_jax.train.benchmark import (compiled_cost, parse_kernels, parse_remat, peak_tflops,
                                               op_kind, profile_top_ops, sami_forward_flops_per_image,
                                               sami_train_flops_per_image)
@@ -37,12 +37,51 @@ def test_peak_table_and_profile_reader(tmp_path):
   assert peak_tflops(jax.devices()[0], 100.0) == 100.0
   x = jnp.ones((256, 256))
   f = jax.jit(lambda x: jnp.tanh(x @ x))
-  rows = profile_top_ops(lambda: f(x), str(tmp_path), calls=2)
+  rows, by_instruction = profile_top_ops(lambda: f(x), str(tmp_path), calls=2)
   assert rows and all(r["ms_per_call"] >= 0 for r in rows)
   assert abs(sum(r["share"] for r in rows) - 1.0) < 0.05 or len(rows) == 25
   saved = json.load(open(tmp_path / "top_ops.json"))
   assert saved["top"] == rows and all(r["kind"] == op_kind(r["op"]) for r in rows)
   assert abs(sum(saved["kinds_ms_per_call"].values()) - saved["op_ms_per_call"]) < 1e-6 * saved["op_ms_per_call"]
+  assert 1e3 * sum(by_instruction.values()) == pytest.approx(saved["op_ms_per_call"], rel=1e-6)  # the same events
+
+
+def test_profile_times_set_against_the_kernels_floors(tmp_path, capsys):
+  """``profile_top_ops``'s seconds by HLO instruction join the compiled program's kernels (``hlo_kernels``): each
+  kernel gets its time, grouped by JAX operation beside its floor, the most time over the floor first."""
+  def f(x, w):
+    with jax.named_scope("matmul"):
+      y = x @ w
+    with jax.named_scope("sort"):
+      return jnp.sort(y, axis=-1)
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (256, 256))
+  compiled = jax.jit(f).lower(x, x.T).compile()
+  program = hlo_kernels.kernels(compiled.as_text())
+  measured = profile_top_ops(lambda: compiled(x, x.T), str(tmp_path), calls=2)[1]
+  peak, bandwidth = 1e12, 1e11
+  table = benchmark.print_against_floor(compiled, measured, peak / 1e12, bandwidth / 1e12, str(tmp_path))
+  assert json.loads((tmp_path / "against_floor.json").read_text()) == table
+  assert "sort/jit(sort)/sort" in capsys.readouterr().out
+  assert table["kernels_without_time"] == 0 and len(program) >= 2
+  assert {row["operation"] for row in table["rows"]} == {"matmul/dot_general", "sort/jit(sort)/sort"}
+  assert table["floor_ms"] == pytest.approx(1e3 * hlo_kernels.roofline_seconds(program, peak, bandwidth), rel=1e-3)
+  names = {k.name for k in program}
+  assert table["measured_ms"] == pytest.approx(1e3 * sum(s for n, s in measured.items() if n in names), abs=1e-3)
+  assert table["unmatched_ms"] == pytest.approx(1e3 * sum(s for n, s in measured.items() if n not in names), abs=1e-3)
+  over = [row["over_floor_ms"] for row in table["rows"]]
+  assert over == sorted(over, reverse=True) and table["measured_ms"] > 0
+  for row in table["rows"]:
+    assert row["over_floor_ms"] == pytest.approx(row["measured_ms"] - row["floor_ms"], abs=1e-3)
+    assert row["times_floor"] == pytest.approx(row["measured_ms"] / row["floor_ms"], rel=0.01)
+
+  # As a GPU trace names kernels: "fusion.6" as "fusion_6"; a kernel with no time is counted, and time that matches
+  # no kernel is unmatched. Under a chip 1000× faster every kernel is tiny.
+  made_up = {program[0].name.replace(".", "_") + "_x": 0.5, "nvjet_sm90_gemm": 0.25}
+  made_up.update({k.name.replace(".", "_"): 1e-3 for k in program[1:]})
+  table = hlo_kernels.against_floor(program, made_up, 1e3 * peak, 1e3 * bandwidth)
+  assert table["kernels_without_time"] == 1 and table["unmatched_ms"] == pytest.approx(750.0)
+  assert table["measured_ms"] == table["tiny_measured_ms"] == pytest.approx(len(program[1:]))
 
 
 def test_kernel_sets_parse_and_bad_ones_are_refused():

@@ -37,7 +37,9 @@ features out, host transfers included) on random ViT-H weights: views/s;
 ``--attention xla,cudnn`` also times SAM's attention through cuDNN's fused kernel.
 
 ``--profile DIR`` traces a few steps after the timing and prints the device
-ops that took the most time, with the JAX operation that made each.
+ops that took the most time, with the JAX operation that made each; on a GPU, for
+``sami`` and ``finetune``, also each JAX operation's kernel time against its
+kernels' floor (``hlo_kernels.against_floor``): where the step loses its time.
 
 ``attention``: softmax attention alone, forward and forward + backward, at the SAMI decoder's shape (batch
 256 × 16 heads of 32, 147 queries over 196 keys; ``--queries``, ``--keys``, ... for others) per
@@ -237,15 +239,27 @@ def op_kind(name: str) -> str:
   return next((kind for kind, marks in OP_KINDS if any(mark in lower for mark in marks)), "other")
 
 
-def profile_top_ops(run, trace_dir: str, calls: int = 3, top: int = 25) -> list[dict]:
-  """Traces ``calls`` calls of ``run`` and returns the device ops that took the most time.
+def _hlo_instruction(name: str, stats: dict) -> str:
+  """The HLO instruction of a trace event: its ``hlo_op`` stat, else one in an annotation that holds it
+  (``Thunk:#name=...,hlo_op=fusion.6#``, XLA's GPU kernel annotation), else the event's own name."""
+  if stats.get("hlo_op"):
+    return str(stats["hlo_op"])
+  found = next((re.search(r"hlo_op=([^,#]+)", value) for value in stats.values()
+                if isinstance(value, str) and "hlo_op=" in value), None)
+  return found.group(1) if found else name
+
+
+def profile_top_ops(run, trace_dir: str, calls: int = 3, top: int = 25) -> tuple[list[dict], dict[str, float]]:
+  """Traces ``calls`` calls of ``run`` → (the device ops that took the most time, seconds per call by HLO
+  instruction).
 
   Reads the trace back with ``jax.profiler.ProfileData``: on an accelerator the
   ops of the device planes' "XLA Ops" lines (fusions, GEMMs, ... with their HLO
   instruction), on CPU the host's XLA thread events. Each row: op name, its kind
   (``op_kind``), total ms per call, share of the op time, count, and its HLO
   instruction. Also prints the time per kind over all ops, and writes the rows
-  and the kinds to ``trace_dir/top_ops.json``.
+  and the kinds to ``trace_dir/top_ops.json``. The seconds by HLO instruction (an event's ``hlo_op``, as XLA
+  annotates each kernel it launches; else the event's name) are for ``hlo_kernels.against_floor``.
   """
   import glob  # pylint: disable=import-outside-toplevel
   jax.block_until_ready(run())
@@ -255,7 +269,7 @@ def profile_top_ops(run, trace_dir: str, calls: int = 3, top: int = 25) -> list[
   jax.profiler.stop_trace()
   path = max(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
   data = jax.profiler.ProfileData.from_file(path)
-  totals, counts, sources = {}, {}, {}
+  totals, counts, sources, by_instruction = {}, {}, {}, {}
   device_planes = [p for p in data.planes if p.name.startswith("/device:")]
   for plane in device_planes or [p for p in data.planes if p.name == "/host:CPU"]:
     lines = [line for line in plane.lines if line.name != "python"]  # python: the host's own calls
@@ -266,8 +280,10 @@ def profile_top_ops(run, trace_dir: str, calls: int = 3, top: int = 25) -> list[
       for event in line.events:
         totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns
         counts[event.name] = counts.get(event.name, 0) + 1
+        stats = dict(event.stats)
+        instruction = _hlo_instruction(event.name, stats)
+        by_instruction[instruction] = by_instruction.get(instruction, 0.0) + event.duration_ns / 1e9 / calls
         if event.name not in sources:
-          stats = dict(event.stats)
           # the HLO instruction (shapes, fusion kind) where the trace has it; jax 0.11's GPU "tf_op" is "XlaModule:"
           sources[event.name] = str(stats.get("long_name") or stats.get("tf_op") or "")[:140]
   grand = sum(totals.values()) or 1.0
@@ -286,12 +302,31 @@ def profile_top_ops(run, trace_dir: str, calls: int = 3, top: int = 25) -> list[
   with open(os.path.join(trace_dir, "top_ops.json"), "w") as f:
     json.dump({"op_ms_per_call": grand / 1e6 / calls, "kinds_ms_per_call": {
         kind: ns / 1e6 / calls for kind, ns in kinds.items()}, "top": rows}, f, indent=1)
-  return rows
+  return rows, by_instruction
 
 
-def time_train_step(compiled, state, data, rng, args, name: str) -> float:
+def print_against_floor(compiled, measured: dict[str, float], peak: float, bandwidth: float, trace_dir: str,
+                        top: int = 15) -> dict:
+  """A profile's kernel times (``profile_top_ops``) beside the compiled program's kernel floors at ``peak`` TFLOP/s
+  and ``bandwidth`` TB/s (``hlo_kernels.against_floor``): printed, the operations losing the most time first, and
+  written to ``trace_dir/against_floor.json``."""
+  table = hlo_kernels.against_floor(hlo_kernels.kernels(compiled.as_text()), measured, peak * 1e12, bandwidth * 1e12)
+  print(f"kernel time against the floor: {table['measured_ms']:.2f} ms measured, {table['floor_ms']:.2f} ms floor; "
+        f"tiny kernels {table['tiny_measured_ms']:.2f} ms; not matched to a kernel {table['unmatched_ms']:.2f} ms; "
+        f"kernels without a time {table['kernels_without_time']}")
+  for row in table["rows"][:top]:
+    where = row["operation"] if len(row["operation"]) <= 80 else "…" + row["operation"][-79:]
+    print(f"  {row['kind']:15} {where:80} ×{row['count']:<4} {row['measured_ms']:7.3f} ms  floor "
+          f"{row['floor_ms']:7.3f} ms  ×{row['times_floor'] or 0:5.1f}  {row['over_floor_ms']:+.3f} ms")
+  with open(os.path.join(trace_dir, "against_floor.json"), "w") as f:
+    json.dump(table, f, indent=1)
+  return table
+
+
+def time_train_step(compiled, state, data, rng, args, name: str, peak: Optional[float]) -> float:
   """Seconds per step of a compiled ``(state, batch, rng) -> (state, metrics)`` step (state donated and
-  threaded through), after ``args.warmup`` steps; with ``args.profile`` also the top device ops."""
+  threaded through), after ``args.warmup`` steps; with ``args.profile`` also the top device ops and, on a GPU,
+  their time against the kernels' floors (``print_against_floor``)."""
   holder = [state]
 
   def run_step():
@@ -302,7 +337,11 @@ def time_train_step(compiled, state, data, rng, args, name: str) -> float:
     jax.block_until_ready(run_step())
   seconds = time_steps(run_step, args.steps, args.repeats)
   if args.profile:
-    profile_top_ops(run_step, os.path.join(args.profile, name))
+    trace_dir = os.path.join(args.profile, name)
+    measured = profile_top_ops(run_step, trace_dir)[1]
+    bandwidth = chip_figure(jax.devices()[0], PEAK_TBPS)
+    if peak and bandwidth:  # a GPU of known figures
+      print_against_floor(compiled, measured, peak, bandwidth, trace_dir)
   return seconds
 
 
@@ -336,7 +375,8 @@ def each_setting(settings: Sequence[dict], measure) -> list[dict]:
 
 
 def _kernels_name(kernels: Kernels) -> str:
-  return "_".join(str(value) for value in dataclasses.astuple(kernels))
+  """A file name for a kernel set (a tiling's "/" made "-")."""
+  return "_".join(str(value) for value in dataclasses.astuple(kernels)).replace("/", "-")
 
 
 def _model_settings(args) -> list[dict]:
@@ -395,7 +435,7 @@ def _bench_sami_setting(args, devices: Sequence[jax.Device], variant: str, kerne
          **_compiled_figures(compiled), **_kernel_figures(compiled, devices[0], flops, peak)}
   if not args.compile_only and not args.gpu_spec:
     name = f"sami_{variant}_{_kernels_name(kernels)}_{remat}_m{microbatches}"
-    seconds = time_train_step(compiled, state, data, rng, args, name)
+    seconds = time_train_step(compiled, state, data, rng, args, name, peak)
     row.update(ms_per_step=round(1e3 * seconds, 2), img_per_s=round(batch / seconds, 1))
     if peak:
       row["mfu"] = round(flops / seconds / (peak * 1e12), 4)
@@ -513,7 +553,7 @@ def _bench_finetune_setting(args, devices: Sequence[jax.Device], variant: str, k
          **_compiled_figures(compiled), **_kernel_figures(compiled, devices[0], None, peak)}
   if not args.compile_only and not args.gpu_spec:
     name = f"finetune_{variant}_{_kernels_name(kernels)}_{remat}_m{microbatches}"
-    seconds = time_train_step(compiled, state, data, rng, args, name)
+    seconds = time_train_step(compiled, state, data, rng, args, name, peak)
     row.update(ms_per_step=round(1e3 * seconds, 1), img_per_s=round(batch / seconds, 2),
                masks_per_s=round(batch * args.masks / seconds, 1))
   return row

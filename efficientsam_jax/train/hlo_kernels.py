@@ -13,6 +13,8 @@ larger of its bytes over the memory bandwidth and its FLOPs over the matmul peak
 if every kernel ran at the chip's limit, a floor that real kernels (launch gaps, small grids, transposes) stay
 above.
 
+``against_floor`` sets a profile's kernel times beside those floors: which operations lose the most time.
+
 ``gpu_devices("h100")`` are the devices of a GPU that is not there (jax's deviceless compile: it needs
 ``pip install "jax[cuda12]==<jax's version>"``, no driver or GPU), so a train step can be compiled for an
 H100 on any machine and its kernels read: how XLA fuses, lays out and launches the step on the GPU
@@ -371,13 +373,18 @@ def roofline_seconds(program: Iterable[Kernel], peak_flops: float, bandwidth: fl
   return sum(max(k.bytes / bandwidth, k.flops / peak_flops) for k in program)
 
 
+def operation(kernel: Kernel) -> str:
+  """The JAX operation of a kernel without the jit's name and with block numbers folded (``decoder_blocks_3`` →
+  ``decoder_blocks_N``), so that the same operation in every block is one group."""
+  return re.sub(r"_\d+(?=/|$)", "_N", re.sub(r"^jit\([^)]*\)/", "", kernel.source))
+
+
 def by_operation(program: Iterable[Kernel], top: Optional[int] = None) -> list[dict]:
-  """Kernels grouped by kind and JAX operation, block numbers folded (``decoder_blocks_3`` → ``decoder_blocks_N``):
-  count, GB and TFLOP per group, the most bytes first."""
+  """Kernels grouped by kind and JAX operation (``operation``): count, GB and TFLOP per group, the most bytes
+  first."""
   groups: dict[tuple[str, str], list[float]] = {}
   for k in program:
-    source = re.sub(r"_\d+(?=/|$)", "_N", re.sub(r"^jit\([^)]*\)/", "", k.source))
-    group = groups.setdefault((k.kind, source), [0, 0.0, 0.0])
+    group = groups.setdefault((k.kind, operation(k)), [0, 0.0, 0.0])
     group[0] += 1
     group[1] += k.bytes
     group[2] += k.flops
@@ -403,3 +410,44 @@ def summary(program: list[Kernel], peak_tflops: float, bandwidth_tbps: float) ->
           "kernel_tflop": round(sum(k.flops for k in program) / 1e12, 3),
           "roofline_ms": round(1e3 * roofline_seconds(program, peak_tflops * 1e12, bandwidth_tbps * 1e12), 2),
           "gb_by_kind": {kind: round(b / 1e9, 2) for kind, b in sorted(kinds.items(), key=lambda kv: -kv[1])}}
+
+
+def against_floor(program: list[Kernel], measured: dict[str, float], peak_flops: float, bandwidth: float) -> dict:
+  """A profile's kernel times set against the kernels' floors (``roofline_seconds``): where a step loses its time.
+
+  ``measured``: seconds per run of the program by HLO instruction (``benchmark.profile_top_ops``; a GPU kernel's
+  name, ``gemm_fusion_dot_578`` for the instruction ``gemm_fusion_dot.578``, matches too). Returns the measured and
+  floor ms of the matched kernels, the profile's ms that match no kernel of the program (``unmatched_ms``: the
+  runtime's own copies, or names that failed to match), the kernels the profile has no time for, the tiny kernels'
+  (``TINY_KERNEL_SECONDS``) measured ms, and rows by kind and JAX operation (``operation``): count, measured ms,
+  floor ms, measured / floor and the ms over the floor, the most ms over the floor first.
+  """
+  canonical = lambda name: re.sub(r"[.\-]", "_", name.lstrip("%"))
+  left = {}
+  for name, seconds in measured.items():
+    left[canonical(name)] = left.get(canonical(name), 0.0) + seconds
+  floors: dict[str, list] = {}  # instruction → [kernel, floor seconds summed over its runs, runs]
+  for k in program:
+    entry = floors.setdefault(k.name, [k, 0.0, 0])
+    entry[1] += roofline_seconds([k], peak_flops, bandwidth)
+    entry[2] += 1
+  groups: dict[tuple[str, str], list[float]] = {}
+  unmeasured, tiny_ms = 0, 0.0
+  for name, (k, floor, runs) in floors.items():
+    seconds = left.pop(canonical(name), None)
+    unmeasured += seconds is None
+    seconds = seconds or 0.0
+    if floor / runs < TINY_KERNEL_SECONDS:
+      tiny_ms += 1e3 * seconds
+    group = groups.setdefault((k.kind, operation(k)), [0, 0.0, 0.0])
+    group[0] += runs
+    group[1] += 1e3 * seconds
+    group[2] += 1e3 * floor
+  rows = [{"kind": kind, "operation": source, "count": int(n), "measured_ms": round(ms, 4), "floor_ms": round(fl, 4),
+           "times_floor": round(ms / fl, 2) if fl else None, "over_floor_ms": round(ms - fl, 4)}
+          for (kind, source), (n, ms, fl) in sorted(groups.items(), key=lambda kv: kv[1][2] - kv[1][1])]
+  return {"measured_ms": round(sum(g[1] for g in groups.values()), 4),
+          "floor_ms": round(sum(g[2] for g in groups.values()), 4),
+          "unmatched_ms": round(1e3 * sum(left.values()), 4), "kernels_without_time": unmeasured,
+          "tiny_measured_ms": round(tiny_ms, 4), "rows": rows}
+
