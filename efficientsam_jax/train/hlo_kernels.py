@@ -450,4 +450,3 @@ def against_floor(program: list[Kernel], measured: dict[str, float], peak_flops:
           "floor_ms": round(sum(g[2] for g in groups.values()), 4),
           "unmatched_ms": round(1e3 * sum(left.values()), 4), "kernels_without_time": unmeasured,
           "tiny_measured_ms": round(tiny_ms, 4), "rows": rows}
-
