@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from efficientsam_jax.models.layers import gelu, gelu_derivative, lean_gelu
-from efficientsam_jax.models.short_attention import dot_f32, per_platform
+from efficientsam_jax.models.short_attention import check_block_sizes, dot_f32, per_platform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +50,7 @@ class MatmulTiling:
   stages: int = 3
 
   def __post_init__(self):
-    for field in ("block_m", "block_n", "block_k"):
-      size = getattr(self, field)
-      if size < 16 or size & (size - 1):
-        raise ValueError(f"{field} must be a power of 2 from 16 on, got {size}")
+    check_block_sizes(self, "block_m", "block_n", "block_k")
 
 
 def fits(width: int, hidden: int, tiling: MatmulTiling = MatmulTiling()) -> bool:

@@ -53,6 +53,14 @@ from jax.sharding import PartitionSpec as P
 MAX_KEYS = 512
 
 
+def check_block_sizes(tiling, *fields: str) -> None:
+  """Refuses a tiling whose ``fields`` are not powers of 2 from 16 on, as a Triton block's sides must be."""
+  for field in fields:
+    size = getattr(tiling, field)
+    if size < 16 or size & (size - 1):
+      raise ValueError(f"{field} must be a power of 2 from 16 on, got {size}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Tiling:
   """Query block sizes and warps per program of the kernels (``launch/benchmark_gpu.sh``'s attention part times
@@ -79,10 +87,7 @@ class Tiling:
   block_k_backward: int = 0
 
   def __post_init__(self):
-    for field in ("block_q", "block_q_backward"):
-      size = getattr(self, field)
-      if size < 16 or size & (size - 1):
-        raise ValueError(f"{field} must be a power of 2 from 16 on, got {size}")
+    check_block_sizes(self, "block_q", "block_q_backward")
     if self.heads_per_program < 1 or self.heads_per_program & (self.heads_per_program - 1):
       raise ValueError(f"heads_per_program must be a power of 2, got {self.heads_per_program}")
     if self.block_k_backward and (self.block_k_backward < 16 or self.block_k_backward & (self.block_k_backward - 1)):
