@@ -29,13 +29,12 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plt
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from efficientsam_jax.models.layers import gelu, gelu_derivative, lean_gelu
-from efficientsam_jax.models.short_attention import check_block_sizes, dot_f32, per_platform
+from efficientsam_jax.models.short_attention import check_block_sizes, dot_f32, partitioned_like_first, per_platform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,15 +184,7 @@ def _kernel(kind: str, approximate: bool, tiling: MatmulTiling):
     return tuple(NamedSharding(mesh, P(*(examples if axis == "b" else None for axis in layout.split())))
                  for layout in layouts.split(", "))
 
-  def partition(mesh, arg_shapes, result_shape):
-    del result_shape
-    return mesh, run, shardings(mesh, outputs, arg_shapes[0]), shardings(mesh, inputs, arg_shapes[0])
-
-  partitioned = custom_partitioning(run)
-  partitioned.def_partition(
-      partition, infer_sharding_from_operands=lambda mesh, args, _: shardings(mesh, outputs, args[0]),
-      sharding_rule=f"{inputs} -> {outputs}", need_replication_factors=("t", "k", "n"))
-  return partitioned
+  return partitioned_like_first(run, inputs, outputs, shardings, split=("b",))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))

@@ -404,11 +404,20 @@ def _kernel(kind: str, num_keys: int, tiling: Tiling, packing: str):
              2: P(heads, None)}
     return tuple(NamedSharding(mesh, specs[len(layout.split())]) for layout in layouts.split(", "))
 
+  return partitioned_like_first(run, inputs, outputs, shardings, split=("b", "n"))
+
+
+def partitioned_like_first(run, inputs: str, outputs: str, shardings, split: tuple[str, ...]):
+  """``run`` under ``custom_partitioning``, its operands and results laid out as ``inputs`` and ``outputs`` say
+  (einsum-like factors, e.g. "b q n h, n h"): ``shardings(mesh, layouts, first operand)`` gives the NamedShardings
+  of those layouts, following the first operand's sharding of the factors in ``split``; every other factor is
+  replicated, so each device runs ``run`` on its own share with no collectives."""
+
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
     return mesh, run, shardings(mesh, outputs, arg_shapes[0]), shardings(mesh, inputs, arg_shapes[0])
 
-  replicated = [f for f in dict.fromkeys(f"{inputs} {outputs}".replace(",", " ").split()) if f not in ("b", "n")]
+  replicated = [f for f in dict.fromkeys(f"{inputs} {outputs}".replace(",", " ").split()) if f not in split]
   partitioned = custom_partitioning(run)
   partitioned.def_partition(
       partition, infer_sharding_from_operands=lambda mesh, args, _: shardings(mesh, outputs, args[0]),
